@@ -1,0 +1,3 @@
+"""vitune: visual instruction tuning (LLaVA)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,248 @@
+"""Our decoding loop: KV-cached, batched, streaming generation over the LLaVA model.
+
+Prompts of different lengths and images are left-padded into one batch; image features are
+computed once, in the prefill; each decode step feeds one token per row. Rows finish on an EOS
+token, a stop string or their token budget, and finished rows leave the batch (their KV cache rows
+are dropped) so the rest run at the smaller batch size. Sampling is per row: each request has its
+own temperature, top-p, top-k, repetition penalty and seed, so one batch can serve many clients.
+
+`decode_steps` is a generator of text deltas (the unit of streaming); `generate` drains it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from vitune.errors import VituneError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)
+        if self.max_new_tokens < 1:
+            raise VituneError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise VituneError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise VituneError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise VituneError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise VituneError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    finish_reason: str  # stop | length | cancelled
+
+
+@dataclass
+class StepEvent:
+    """New text for one row; `finish_reason` is set on its last event."""
+
+    row: int
+    text: str
+    finish_reason: str | None = None
+    output_ids: list[int] | None = None  # all new tokens, on the last event
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    params: SamplingParams
+    stops: tuple[str, ...]
+    generator: torch.Generator | None
+    out: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of text already streamed
+    text: str = ""
+    finish: str | None = None
+
+
+def _hold_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters might begin a stop string (or an incomplete character)."""
+    if text.endswith("\ufffd"):
+        return len(text)  # wait for the rest of a multi-byte character
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+class Decoder:
+    """Runs batches of prompts through a LlavaModel. `decode(ids)` turns ids into text."""
+
+    def __init__(self, model, decode: Callable[[list[int]], str], eos_ids: set[int], pad_id: int, stop_strings: Sequence[str] = ()) -> None:
+        self.model = model
+        self.decode = decode
+        self.eos_ids = set(eos_ids)
+        self.pad_id = pad_id
+        self.stop_strings = tuple(stop_strings)
+
+    @torch.inference_mode()
+    def decode_steps(
+        self,
+        prompts: Sequence[list[int]],
+        pixel_values: Sequence[torch.Tensor | None],
+        params: Sequence[SamplingParams],
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> Iterator[StepEvent]:
+        model = self.model
+        lm = model.language_model
+        device = model.device
+        rows = []
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            gen = None
+            if sp.temperature > 0:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+            rows.append(_Row(list(p), sp, tuple(dict.fromkeys((*self.stop_strings, *sp.stop))), gen))
+            if not p:
+                raise VituneError(f"prompt {i} is empty")
+
+        # Prefill: left-pad, one forward over all prompts with their images.
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pixels = [pv for pv in pixel_values if pv is not None and pv.shape[0] > 0]
+        features = model.encode_images(torch.cat(pixels)) if pixels else None
+        embeds = model.embed(ids, image_features=features)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :].float()
+        live = list(range(len(rows)))  # batch position -> row index
+        next_pos = positions[:, -1] + 1
+        history = [torch.tensor(r.prompt, device=device) for r in rows]
+
+        while True:
+            tokens = self._sample(logits, [rows[i] for i in live], [history[i] for i in live])
+            keep: list[int] = []
+            for b, i in enumerate(live):
+                r = rows[i]
+                tok = int(tokens[b])
+                r.out.append(tok)
+                history[i] = torch.cat([history[i], tokens[b : b + 1]])
+                event = self._advance(i, r, tok)
+                if r.finish is None and cancelled is not None and cancelled(i):
+                    r.finish = "cancelled"
+                    event = StepEvent(i, "", "cancelled", list(r.out))
+                if event is not None:
+                    yield event
+                if r.finish is None:
+                    keep.append(b)
+            if not keep:
+                return
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
+                live = [live[b] for b in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            out = lm(
+                input_ids=tokens.view(-1, 1),
+                attention_mask=mask,
+                position_ids=next_pos.view(-1, 1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_pos = next_pos + 1
+            logits = out.logits[:, -1, :].float()
+
+    def _advance(self, i: int, r: _Row, tok: int) -> StepEvent | None:
+        """Update a row's text after one token; return what it can stream now."""
+        if tok in self.eos_ids:
+            r.finish = "stop"
+            text = self.decode(r.out[:-1]).lstrip()
+        else:
+            text = self.decode(r.out).lstrip()
+            if len(r.out) >= r.params.max_new_tokens:
+                r.finish = "length"
+        for s in r.stops:
+            cut = text.find(s, max(0, r.emitted - len(s)))
+            if cut >= 0:
+                text = text[:cut]
+                r.finish = "stop"
+        r.text = text
+        if r.finish is not None:
+            delta = text[r.emitted :]
+            r.emitted = len(text)
+            return StepEvent(i, delta, r.finish, list(r.out))
+        upto = len(text) - _hold_back(text, r.stops)
+        if upto > r.emitted:
+            delta = text[r.emitted : upto]
+            r.emitted = upto
+            return StepEvent(i, delta)
+        return None
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], history: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        greedy = all(r.params.temperature == 0 and r.params.repetition_penalty == 1.0 for r in rows)
+        if greedy:
+            return logits.argmax(-1)
+        for b, r in enumerate(rows):
+            row = logits[b]
+            sp = r.params
+            if sp.repetition_penalty != 1.0:
+                seen = history[b].unique()
+                seen = seen[seen < row.shape[0]]
+                vals = row[seen]
+                row = row.clone()
+                row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
+            if sp.temperature == 0:
+                out[b] = row.argmax()
+                continue
+            row = row / sp.temperature
+            if sp.top_k > 0:
+                kth = torch.topk(row, min(sp.top_k, row.shape[0])).values[-1]
+                row = row.masked_fill(row < kth, float("-inf"))
+            if sp.top_p < 1.0:
+                sorted_logits, order = torch.sort(row, descending=True)
+                probs = sorted_logits.softmax(-1)
+                # drop a token when the mass before it already reaches top_p (always keep the first)
+                drop = probs.cumsum(-1) - probs >= sp.top_p
+                row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+            out[b] = torch.multinomial(row.softmax(-1), 1, generator=r.generator)[0]
+        return out
+
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        pixel_values: Sequence[torch.Tensor | None],
+        params: Sequence[SamplingParams],
+        on_event: Callable[[StepEvent], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[GenerationOutput]:
+        texts = [""] * len(prompts)
+        outs: list[list[int]] = [[] for _ in prompts]
+        finish: list[str] = ["length"] * len(prompts)
+        for event in self.decode_steps(prompts, pixel_values, params, cancelled):
+            texts[event.row] += event.text
+            if event.finish_reason is not None:
+                finish[event.row] = event.finish_reason
+                outs[event.row] = event.output_ids or []
+            if on_event is not None:
+                on_event(event)
+        return [GenerationOutput(text=texts[i].rstrip(), prompt_ids=list(prompts[i]), output_ids=outs[i], finish_reason=finish[i]) for i in range(len(prompts))]

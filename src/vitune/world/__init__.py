@@ -1,0 +1,1 @@
+"""The synthetic world: procedurally rendered scenes, their symbolic annotations and stand-in backbones."""
