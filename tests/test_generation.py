@@ -152,3 +152,45 @@ def test_cli_build_and_generate_json(tiny_backbones: tuple[Path, Path], tmp_path
     assert again.output_ids == data["output_ids"] and again.prompt_ids == data["prompt_ids"]
     bad = subprocess.run([*cmd, "generate", "--model", str(tmp_path / "nope"), "--prompt", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no config.json" in bad.stderr
+
+
+@pytest.mark.parametrize("llm", ["llama", "qwen2"])
+def test_lean_forward_matches_transformers(tmp_path: Path, llm: str) -> None:
+    """The lean Llama-family decode path gives transformers' numbers: same logits, same tokens."""
+    from vitune.generation import Decoder
+    from vitune.model.build import build_llava
+    from vitune.model.fast_lm import FastLM, supports
+    from vitune.testing import make_tiny_backbones
+
+    vdir, ldir = make_tiny_backbones(tmp_path, llm=llm)
+    model, proc = build_llava(str(vdir), str(ldir), template="chatml")
+    lm = model.language_model
+    assert supports(lm)
+    pipe = Pipeline(model, proc)
+    reqs = requests(SamplingParams(max_new_tokens=12))
+    prepared = [pipe.prepare(r) for r in reqs]
+    ids = [p[0] for p in prepared]
+    pixels = [p[1] for p in prepared]
+    args = (pipe.processor.decode, set(), proc.tokenizer.pad_token_id)
+    lean = Decoder(model, *args, fast=True).generate(ids, pixels, [r.params for r in reqs])
+    ref = Decoder(model, *args, fast=False).generate(ids, pixels, [r.params for r in reqs])
+    assert [o.output_ids for o in lean] == [o.output_ids for o in ref]
+    # logits of the prefill and of one decode step, left-padded batch
+    width = max(len(i) for i in ids)
+    batch = torch.tensor([[0] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    with torch.no_grad():
+        embeds = model.embed(batch, pixel_values=torch.cat([p for p in pixels if p is not None]))
+        fast = FastLM(lm, len(ids), width + 4)
+        got = fast.prefill(embeds, mask)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        want = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        nxt = got.argmax(-1)
+        got2 = fast.step(nxt)
+        full = torch.cat([batch, nxt[:, None]], 1)
+        want2 = lm(inputs_embeds=torch.cat([embeds, lm.get_input_embeddings()(nxt[:, None])], 1),
+                   attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+                   position_ids=torch.cat([positions, positions[:, -1:] + 1], 1)).logits[:, -1]
+        assert full.shape[1] == width + 1
+        torch.testing.assert_close(got2, want2, atol=1e-4, rtol=1e-4)

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from vitune.errors import VituneError
+from vitune.model.fast_lm import FastLM, supports
 
 
 @dataclass
@@ -74,6 +75,33 @@ class _Row:
     finish: str | None = None
 
 
+class _HFRunner:
+    """transformers' own forward and DynamicCache, for LLMs the lean path does not cover."""
+
+    def __init__(self, lm) -> None:
+        self.lm = lm
+        self.cache = DynamicCache()
+
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.mask = mask
+        self.next_pos = positions[:, -1] + 1
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        out = self.lm(input_ids=tokens.view(-1, 1), attention_mask=self.mask, position_ids=self.next_pos.view(-1, 1),
+                      past_key_values=self.cache, use_cache=True)
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1, :].float()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask.index_select(0, rows)
+        self.next_pos = self.next_pos.index_select(0, rows)
+
+
 def _hold_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters might begin a stop string (or an incomplete character)."""
     if text.endswith("\ufffd"):
@@ -90,8 +118,9 @@ def _hold_back(text: str, stops: Sequence[str]) -> int:
 class Decoder:
     """Runs batches of prompts through a LlavaModel. `decode(ids)` turns ids into text."""
 
-    def __init__(self, model, decode: Callable[[list[int]], str], eos_ids: set[int], pad_id: int, stop_strings: Sequence[str] = ()) -> None:
+    def __init__(self, model, decode: Callable[[list[int]], str], eos_ids: set[int], pad_id: int, stop_strings: Sequence[str] = (), fast: bool = True) -> None:
         self.model = model
+        self.fast = fast  # the lean Llama-family forward; False forces transformers' own
         self.decode = decode
         self.eos_ids = set(eos_ids)
         self.pad_id = pad_id
@@ -129,22 +158,22 @@ class Decoder:
         pixels = [pv for pv in pixel_values if pv is not None and pv.shape[0] > 0]
         features = model.encode_images(torch.cat(pixels)) if pixels else None
         embeds = model.embed(ids, image_features=features)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :].float()
+        max_len = width + max(r.params.max_new_tokens for r in rows)
+        runner = FastLM(lm, len(rows), max_len) if self.fast and supports(lm) else _HFRunner(lm)
+        logits = runner.prefill(embeds, mask)
         live = list(range(len(rows)))  # batch position -> row index
-        next_pos = positions[:, -1] + 1
         history = [torch.tensor(r.prompt, device=device) for r in rows]
 
         while True:
             tokens = self._sample(logits, [rows[i] for i in live], [history[i] for i in live])
             keep: list[int] = []
+            needs_history = any(r.params.repetition_penalty != 1.0 for r in rows)
             for b, i in enumerate(live):
                 r = rows[i]
                 tok = int(tokens[b])
                 r.out.append(tok)
-                history[i] = torch.cat([history[i], tokens[b : b + 1]])
+                if needs_history:
+                    history[i] = torch.cat([history[i], tokens[b : b + 1]])
                 event = self._advance(i, r, tok)
                 if r.finish is None and cancelled is not None and cancelled(i):
                     r.finish = "cancelled"
@@ -157,19 +186,10 @@ class Decoder:
                 return
             if len(keep) < len(live):
                 index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
+                runner.select_rows(index)
+                tokens = tokens[index]
                 live = [live[b] for b in keep]
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-            out = lm(
-                input_ids=tokens.view(-1, 1),
-                attention_mask=mask,
-                position_ids=next_pos.view(-1, 1),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            next_pos = next_pos + 1
-            logits = out.logits[:, -1, :].float()
+            logits = runner.step(tokens)
 
     def _advance(self, i: int, r: _Row, tok: int) -> StepEvent | None:
         """Update a row's text after one token; return what it can stream now."""
