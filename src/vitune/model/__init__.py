@@ -1,6 +1,5 @@
-"""The LLaVA architecture: vision encoder -> projector -> image tokens in the LLM's input embeddings."""
+"""The LLaVA architecture: vision encoder -> projector -> image tokens in the LLM's input embeddings.
 
-from vitune.model.config import LlavaConfig
-from vitune.model.llava import LlavaModel
-
-__all__ = ["LlavaConfig", "LlavaModel"]
+Import from the submodules (`vitune.model.llava`, `.build`, `.config`, ...); this package file stays
+empty so that `vitune --help` does not pay for importing torch.
+"""
