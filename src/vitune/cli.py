@@ -15,7 +15,10 @@ from vitune.errors import VituneError
 
 # Order is the order of `vitune --help`.
 COMMAND_MODULES: tuple[str, ...] = (
+    "vitune.world.commands",
+    "vitune.datagen.commands",
     "vitune.model.commands",
+    "vitune.eval.commands",
 )
 
 

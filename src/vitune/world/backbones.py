@@ -1,0 +1,639 @@
+"""Stand-in "pretrained" backbones for the synthetic world: a tokenizer, a CLIP and a Llama LM.
+
+Real LLaVA starts from OpenAI's CLIP and Vicuna; neither can be downloaded here, so
+`make_backbones` makes small ones from a rendered world, in the Hugging Face layout, so they
+load exactly like real checkpoints:
+
+    B/tokenizer/   the LM tokenizer (byte-level BPE, `<s>` prepended)      -> AutoTokenizer
+    B/clip/        CLIPModel + CLIPProcessor (image processor + tokenizer) -> CLIPModel, CLIPVisionModel
+    B/lm/          LlamaForCausalLM + the LM tokenizer                     -> LlamaForCausalLM, AutoTokenizer
+    B/report.json  configs, training figures and quality gauges
+
+The story, step by step (each with a progress bar and its figures printed):
+1. tokenizer: trained on the world's text (`corpus.py`) and every chat template's words;
+2. CLIP: contrastive image-caption training (CLIP's symmetric InfoNCE) with NegCLIP hard
+   negatives -- for every image one extra caption that differs from a true one only in one
+   object's shape, colour or place, or one flipped relation -- so batches cannot be told apart by
+   colour and count alone; plus region-phrase alignment (as in RegionCLIP / GLIP grounding
+   pretraining): the penultimate-layer patch tokens pooled over each object's box must pick that
+   object's phrase ("large red circle") among all phrases, encoded by the same text tower. That
+   is the layer and the tokens LLaVA reads, so the grounding lands where it is used. The region
+   head is discarded afterwards, as MAE's decoder is;
+3. gauges: image-to-caption retrieval among held-out scenes, hard-negative choice, linear probes
+   on the penultimate patch features (against a randomly initialised tower of the same shape);
+4. LM: causal LM pretraining on packed documents of the world's text; held-out perplexity.
+
+Training runs against a time budget (`--seconds`, split across the steps): the learning rate
+follows warm-up and cosine decay over the fraction of the step's budget spent, so a run ends on
+a decayed rate whatever the machine's speed. Figures therefore vary a little between machines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vitune.errors import VituneError
+from vitune.world.scene import COLORS, SHAPES, SIZES, Scene, read_scenes
+
+# CLIP's own normalisation, so the saved image processor is the stock one.
+IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+RETRIEVAL_SCENES = 256
+NEGATIVE_KIND_WEIGHTS: dict[str, float] = {"shape": 0.5, "position": 0.3, "color": 0.2}
+TEXT_MAX_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model sizes and schedule of one backbone preset; time shares split `seconds`."""
+
+    seconds: float  # default total budget
+    vocab_size: int
+    # CLIP
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    projection_dim: int
+    clip_batch: int
+    clip_lr: float
+    region_weight: float  # weight of the region-phrase loss (0 turns it off)
+    # LM
+    lm_hidden: int
+    lm_layers: int
+    lm_heads: int
+    lm_context: int
+    lm_batch: int
+    lm_lr: float
+    lm_scenes: int  # training scenes whose text the LM reads (more than it can read in time is waste)
+    # The text tower only serves pretraining (LLaVA keeps the vision tower), so it is kept lean.
+    text_mlp_ratio: int = 2
+    # Budget split: of what is left after the tokenizer, CLIP training gets this share; the
+    # LM gets the rest minus the evaluation reserve.
+    clip_share: float = 0.68
+    eval_reserve: float = 0.06
+    probe_scenes: int = 600  # val scenes the probes are fitted on
+
+
+PRESETS: dict[str, Preset] = {
+    # Trains in seconds inside the test suite; beats chance, nothing more.
+    "quick": Preset(
+        seconds=25, vocab_size=400,
+        patch_size=8, vision_hidden=64, vision_layers=2, vision_heads=2,
+        text_hidden=64, text_layers=1, text_heads=2, projection_dim=64, clip_batch=64, clip_lr=2e-3, region_weight=1.0,
+        lm_hidden=64, lm_layers=1, lm_heads=2, lm_context=128, lm_batch=16, lm_lr=3e-3, lm_scenes=300,
+        probe_scenes=150,
+    ),  # fmt: skip
+    # The embedded default: the demo's backbones, ~4 minutes on 2 CPU cores.
+    "tiny": Preset(
+        seconds=240, vocab_size=1536,
+        patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4,
+        text_hidden=128, text_layers=2, text_heads=4, projection_dim=128, clip_batch=128, clip_lr=1e-3, region_weight=1.0,
+        lm_hidden=192, lm_layers=3, lm_heads=4, lm_context=256, lm_batch=16, lm_lr=2e-3, lm_scenes=6000,
+    ),  # fmt: skip
+    "small": Preset(
+        seconds=1200, vocab_size=2048,
+        patch_size=8, vision_hidden=192, vision_layers=6, vision_heads=6,
+        text_hidden=192, text_layers=3, text_heads=6, projection_dim=192, clip_batch=192, clip_lr=8e-4, region_weight=1.0,
+        lm_hidden=256, lm_layers=4, lm_heads=4, lm_context=256, lm_batch=16, lm_lr=1.5e-3, lm_scenes=20000,
+    ),  # fmt: skip
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise VituneError(f"unknown backbone preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def lr_at(progress: float, peak: float, warmup: float = 0.05, floor: float = 0.05) -> float:
+    """Learning rate at `progress` in [0, 1] of a run: linear warm-up, then cosine to floor*peak."""
+    if progress < warmup:
+        return peak * max(progress, 1e-3) / warmup
+    t = min(1.0, (progress - warmup) / (1 - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _log(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message)
+
+
+def _save_dir(target: Path, save: Callable[[Path], None]) -> None:
+    """Write a directory next to `target`, then swap it in, so a killed run never leaves half a model."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_split(world: Path, split: str) -> list[Scene]:
+    path = world / f"{split}.jsonl"
+    if not path.exists():
+        raise VituneError(f"{path}: not found; render the world first (`vitune world render --out {world}`)")
+    return list(read_scenes(path))
+
+
+def load_images(world: Path, scenes: Sequence[Scene], size: int):  # -> torch.Tensor uint8 [N, 3, S, S]
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    out = np.empty((len(scenes), size, size, 3), dtype=np.uint8)
+    for k, scene in enumerate(scenes):
+        path = world / scene.image
+        try:
+            image = Image.open(path).convert("RGB")
+        except (FileNotFoundError, OSError) as err:
+            raise VituneError(f"{path}: cannot read image of scene {scene.id} ({err})") from err
+        if image.size != (size, size):
+            raise VituneError(f"{path}: image is {image.size[0]}x{image.size[1]}, the world says {size}x{size}")
+        out[k] = np.asarray(image)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(images):  # uint8 [N, 3, S, S] -> float [N, 3, S, S], as CLIPImageProcessor does
+    import torch
+
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP
+
+
+def clip_config(preset: Preset, image_size: int, tokenizer) -> Any:
+    from transformers import CLIPConfig
+
+    if image_size % preset.patch_size:
+        raise VituneError(f"world image size {image_size} is not a multiple of the patch size {preset.patch_size}")
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=preset.text_hidden, intermediate_size=preset.text_mlp_ratio * preset.text_hidden,
+        hidden_act="gelu",
+        num_hidden_layers=preset.text_layers, num_attention_heads=preset.text_heads,
+        max_position_embeddings=TEXT_MAX_LENGTH, projection_dim=preset.projection_dim,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=preset.vision_hidden, intermediate_size=4 * preset.vision_hidden, hidden_act="gelu",
+        num_hidden_layers=preset.vision_layers, num_attention_heads=preset.vision_heads,
+        image_size=image_size, patch_size=preset.patch_size, projection_dim=preset.projection_dim,
+    )  # fmt: skip
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=preset.projection_dim)
+
+
+def object_phrases() -> list[str]:
+    """Every object description the region loss chooses among: 'large red circle', ..."""
+    return [f"{size} {color} {shape}" for size in SIZES for color in COLORS for shape in SHAPES]
+
+
+class CaptionSampler:
+    """Fresh true captions and their hard negatives for training scenes (NegCLIP)."""
+
+    def __init__(self, scenes: Sequence[Scene], seed: int) -> None:
+        self.scenes = scenes
+        self.rng = random.Random(seed)
+
+    def batch(self, indices: Sequence[int]) -> tuple[list[str], list[str]]:
+        from vitune.world.captions import FAMILIES, caption, hard_negative
+
+        kinds, weights = list(NEGATIVE_KIND_WEIGHTS), list(NEGATIVE_KIND_WEIGHTS.values())
+        positives, negatives = [], []
+        for k in indices:
+            insts = self.scenes[k].instances
+            family, seed = self.rng.randrange(len(FAMILIES)), self.rng.getrandbits(32)
+            positives.append(caption(insts, family, seed))
+            kind = self.rng.choices(kinds, weights)[0]
+            fake = hard_negative(insts, family, seed, kind, self.rng)
+            if fake is None:  # this family cannot show that change: try the full description
+                from vitune.world.captions import FULL_DESCRIPTION
+
+                fake = hard_negative(insts, FULL_DESCRIPTION, seed, kind, self.rng)
+            if fake is not None:
+                negatives.append(fake)
+        return positives, negatives
+
+
+def _encode_text(model, tokenizer, texts: Sequence[str], chunk: int = 64):
+    """Normalised text embeddings. Texts are encoded in chunks of similar length, so a short
+    caption is not padded to the longest one of the batch (half the text tower's cost)."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = tokenizer(list(texts), truncation=True, max_length=TEXT_MAX_LENGTH)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda k: len(ids[k]))
+    pooled = []
+    for start in range(0, len(order), chunk):
+        rows = [ids[k] for k in order[start : start + chunk]]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            input_ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        pooled.append(model.text_model(input_ids=input_ids, attention_mask=mask).pooler_output)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return F.normalize(model.text_projection(torch.cat(pooled)[inverse]), dim=-1)
+
+
+def _vision(model, pixels):
+    """(normalised image embeddings, penultimate-layer patch tokens) for a batch of images."""
+    import torch.nn.functional as F
+
+    out = model.vision_model(pixel_values=pixels, output_hidden_states=True)
+    return F.normalize(model.visual_projection(out.pooler_output), dim=-1), out.hidden_states[-2][:, 1:]
+
+
+def train_clip(
+    model, tokenizer, images, scenes: Sequence[Scene], preset: Preset, budget: float, seed: int
+) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from vitune.world.probes import box_weights
+
+    torch.manual_seed(seed)
+    phrases = object_phrases()
+    phrase_index = {p: k for k, p in enumerate(phrases)}
+    grid = images.shape[-1] // preset.patch_size
+    # Every scene's objects: (scene, box weights over patches, phrase id), precomputed once.
+    object_weights = [
+        torch.stack([box_weights(i.bbox, grid) for i in s.instances]) for s in scenes
+    ]
+    object_targets = [torch.tensor([phrase_index[f"{i.size} {i.name}"] for i in s.instances]) for s in scenes]
+    region_head = torch.nn.Linear(preset.vision_hidden, preset.projection_dim)
+    params = list(model.parameters()) + list(region_head.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=preset.clip_lr, betas=(0.9, 0.98)
+    )
+    sampler = CaptionSampler(scenes, seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.monotonic()
+    steps, seen, losses = 0, 0, []
+    bar = tqdm(total=round(budget), desc="clip", unit="s", disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}s {postfix}")
+    while (elapsed := time.monotonic() - start) < budget:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(elapsed / budget, preset.clip_lr)
+        idx = torch.randint(len(scenes), (preset.clip_batch,), generator=gen).tolist()
+        positives, negatives = sampler.batch(idx)
+        pixels = normalize(images[idx])
+        img, patches = _vision(model, pixels)
+        txt = _encode_text(model, tokenizer, positives + negatives)
+        pos, neg = txt[: len(positives)], txt[len(positives) :]
+        scale = model.logit_scale.exp().clamp(max=100)
+        target = torch.arange(len(idx))
+        loss_i2t = F.cross_entropy(scale * img @ torch.cat([pos, neg]).T, target)
+        loss_t2i = F.cross_entropy(scale * pos @ img.T, target)
+        loss = (loss_i2t + loss_t2i) / 2
+        if preset.region_weight:
+            phrase_emb = _encode_text(model, tokenizer, phrases)
+            pooled = torch.cat([object_weights[k] @ patches[b] for b, k in enumerate(idx)])
+            region = F.normalize(region_head(pooled), dim=-1)
+            region_loss = F.cross_entropy(scale * region @ phrase_emb.T, torch.cat([object_targets[k] for k in idx]))
+            loss = loss + preset.region_weight * region_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        steps += 1
+        seen += len(idx)
+        losses.append(loss.item())
+        bar.n = min(round(time.monotonic() - start), round(budget))
+        bar.set_postfix(step=steps, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
+        bar.refresh()
+    bar.close()
+    model.eval()
+    return {
+        "steps": steps,
+        "images_seen": seen,
+        "epochs": round(seen / len(scenes), 2),
+        "seconds": round(time.monotonic() - start, 1),
+        "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+    }
+
+
+def evaluate_clip(model, tokenizer, world: Path, val: Sequence[Scene], test: Sequence[Scene], preset: Preset, image_size: int) -> dict[str, Any]:
+    """Retrieval among held-out scenes, hard-negative choice, and linear probes (vs random init)."""
+    import torch
+    from transformers import CLIPModel
+
+    from vitune.world.captions import FAMILIES, FULL_DESCRIPTION, NEGATIVE_KINDS, caption, hard_negative
+    from vitune.world.probes import probe_accuracies, retrieval_top1
+
+    ret_scenes = list(test[:RETRIEVAL_SCENES])
+    probe_train = list(val[: preset.probe_scenes])
+    with torch.no_grad():
+        test_images = normalize(load_images(world, test, image_size))
+        train_images = normalize(load_images(world, probe_train, image_size))
+        img, test_patches = _batched_vision(model, test_images)
+        _, train_patches = _batched_vision(model, train_images)
+        n = len(ret_scenes)
+        by_family = {}
+        for family in range(len(FAMILIES)):
+            txt = _encode_text(model, tokenizer, [s.captions[family] for s in ret_scenes])
+            by_family[FAMILIES[family].__name__] = round(retrieval_top1(img[:n], txt), 4)
+        rng = random.Random(0)
+        negative_acc = {}
+        for kind in NEGATIVE_KINDS:
+            rows, trues, fakes = [], [], []
+            for k, scene in enumerate(ret_scenes):
+                fake = hard_negative(scene.instances, FULL_DESCRIPTION, 0, kind, rng)
+                if fake is not None:
+                    rows.append(k)
+                    trues.append(caption(scene.instances, FULL_DESCRIPTION, 0))
+                    fakes.append(fake)
+            emb_true, emb_fake = _encode_text(model, tokenizer, trues), _encode_text(model, tokenizer, fakes)
+            wins = ((emb_true * img[rows]).sum(-1) > (emb_fake * img[rows]).sum(-1)).float().mean().item()
+            negative_acc[kind] = round(wins, 4)
+        probes = probe_accuracies(train_patches, probe_train, test_patches, test)
+        torch.manual_seed(0)
+        random_model = CLIPModel(model.config).eval()
+        _, rtrain = _batched_vision(random_model, train_images)
+        _, rtest = _batched_vision(random_model, test_images)
+        random_probes = probe_accuracies(rtrain, probe_train, rtest, test)
+    return {
+        "retrieval_scenes": n,
+        "retrieval_top1": by_family[FAMILIES[FULL_DESCRIPTION].__name__],
+        "retrieval_chance": round(1 / n, 4),
+        "retrieval_top1_by_caption_family": by_family,
+        "hard_negative_accuracy": negative_acc,
+        "probe_objects_fit": sum(len(s.instances) for s in probe_train),
+        "probe_objects_scored": sum(len(s.instances) for s in test),
+        "probes": probes,
+        "probes_random_init": random_probes,
+    }
+
+
+def _batched_vision(model, pixels, batch: int = 256):
+    import torch
+
+    embs, patches = [], []
+    for k in range(0, len(pixels), batch):
+        e, p = _vision(model, pixels[k : k + batch])
+        embs.append(e)
+        patches.append(p)
+    return torch.cat(embs), torch.cat(patches)
+
+
+def save_clip(model, tokenizer, image_size: int, target: Path) -> None:
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
+    )  # fmt: skip
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    _save_dir(target, save)
+
+
+# --------------------------------------------------------------------------------------------
+# LM
+
+
+def lm_config(preset: Preset, tokenizer) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=preset.lm_hidden, intermediate_size=int(preset.lm_hidden * 8 / 3) // 16 * 16,
+        num_hidden_layers=preset.lm_layers, num_attention_heads=preset.lm_heads, num_key_value_heads=preset.lm_heads,
+        max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+
+
+def pack(tokenizer, documents: Sequence[str], context: int):  # -> LongTensor [blocks, context]
+    """Documents as `<s> text </s>`, concatenated and cut into blocks (the usual LM packing)."""
+    import torch
+
+    ids = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
+    stream = [t for doc in ids for t in (tokenizer.bos_token_id, *doc, tokenizer.eos_token_id)]
+    blocks = len(stream) // context
+    if blocks == 0:
+        raise VituneError(f"world text is {len(stream)} tokens, less than one LM block of {context}")
+    return torch.tensor(stream[: blocks * context]).view(blocks, context)
+
+
+def train_lm(model, blocks, preset: Preset, budget: float, seed: int) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=preset.lm_lr, betas=(0.9, 0.95),
+    )  # fmt: skip
+    model.train()
+    start = time.monotonic()
+    steps, losses = 0, []
+    bar = tqdm(total=round(budget), desc="lm", unit="s", disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}s {postfix}")
+    while (elapsed := time.monotonic() - start) < budget:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(elapsed / budget, preset.lm_lr)
+        batch = blocks[torch.randint(len(blocks), (preset.lm_batch,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        steps += 1
+        losses.append(loss.item())
+        bar.n = min(round(time.monotonic() - start), round(budget))
+        bar.set_postfix(step=steps, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
+        bar.refresh()
+    bar.close()
+    model.eval()
+    return {
+        "steps": steps,
+        "tokens_seen": steps * preset.lm_batch * preset.lm_context,
+        "seconds": round(time.monotonic() - start, 1),
+        "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+    }
+
+
+def perplexity(model, blocks, batch: int = 32) -> float:
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(blocks), batch):
+            chunk = blocks[k : k + batch]
+            loss = model(input_ids=chunk, labels=chunk).loss
+            n = chunk.numel() - len(chunk)  # predicted positions
+            total += loss.item() * n
+            count += n
+    return math.exp(total / count)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def make_backbones(world: Path, out: Path, preset: str = "tiny", seconds: float | None = None, seed: int = 0) -> dict:
+    """Train the tokenizer, B/clip and B/lm on the world at `world`; returns (and writes) the report."""
+    import torch
+
+    from vitune.world.corpus import corpus, template_texts
+    from vitune.world.render import read_world_meta
+    from vitune.world.tokenizer import as_transformers, train_tokenizer
+
+    t0 = time.monotonic()
+    world, out = Path(world), Path(out)
+    p = get_preset(preset)
+    budget = float(seconds if seconds is not None else p.seconds)
+    if budget <= 0:
+        raise VituneError(f"--seconds must be positive (got {seconds})")
+    meta = read_world_meta(world)
+    image_size = int(meta["size"])
+    train, val, test = (load_split(world, s) for s in ("train", "val", "test"))
+    if len(val) < 8 or len(test) < 8:
+        raise VituneError(f"{world}: val and test need at least 8 scenes each for the gauges (have {len(val)}, {len(test)})")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    # 1. tokenizer
+    lm_train_docs = list(corpus(train[: p.lm_scenes], seed))
+    lm_val_docs = list(corpus(val, seed + 1))
+    tok = train_tokenizer(lm_train_docs + template_texts(), p.vocab_size)
+    lm_tokenizer = as_transformers(tok, add_eos=False, model_max_length=1024)
+    clip_tokenizer = as_transformers(tok, add_eos=True, model_max_length=TEXT_MAX_LENGTH)
+    _save_dir(out / "tokenizer", lm_tokenizer.save_pretrained)
+    caption_lengths = [len(x) for x in lm_tokenizer([c for s in val[:200] for c in s.captions])["input_ids"]]
+    report: dict[str, Any] = {
+        "preset": preset,
+        "preset_config": asdict(p),
+        "seconds_budget": budget,
+        "world": {"path": str(world), "image_size": image_size, "train_scenes": len(train), "val_scenes": len(val), "test_scenes": len(test)},
+        "tokenizer": {
+            "vocab_size": len(lm_tokenizer),
+            "mean_tokens_per_caption": round(sum(caption_lengths) / len(caption_lengths), 1),
+            "seconds": round(time.monotonic() - t0, 1),
+        },
+    }
+    _log(f"tokenizer: {len(lm_tokenizer)} tokens, {report['tokenizer']['mean_tokens_per_caption']} tokens per caption")
+
+    # 2. CLIP
+    t1 = time.monotonic()
+    images = load_images(world, train, image_size)
+    clip = _new_clip(clip_config(p, image_size, clip_tokenizer))
+    remaining = budget - (time.monotonic() - t0) - p.eval_reserve * budget
+    clip_train = train_clip(clip, clip_tokenizer, images, train, p, max(1.0, p.clip_share * remaining), seed)
+    del images
+    gauges = evaluate_clip(clip, clip_tokenizer, world, val, test, p, image_size)
+    save_clip(clip, clip_tokenizer, image_size, out / "clip")
+    report["clip"] = {
+        "config": _clip_summary(clip),
+        "parameters": sum(x.numel() for x in clip.parameters()),
+        "vision_parameters": sum(x.numel() for x in clip.vision_model.parameters()),
+        "image_tokens": (image_size // p.patch_size) ** 2,
+        **clip_train,
+        **gauges,
+        "seconds_total": round(time.monotonic() - t1, 1),
+    }
+    _log(_clip_line(report["clip"]))
+
+    # 3. LM
+    t2 = time.monotonic()
+    train_blocks = pack(lm_tokenizer, lm_train_docs, p.lm_context)
+    val_blocks = pack(lm_tokenizer, lm_val_docs, p.lm_context)[:64]
+    lm = _new_lm(lm_config(p, lm_tokenizer))
+    remaining = budget - (time.monotonic() - t0) - 0.02 * budget
+    lm_train = train_lm(lm, train_blocks, p, max(1.0, remaining), seed)
+    ppl = perplexity(lm, val_blocks)
+
+    def save_lm(tmp: Path) -> None:
+        lm.save_pretrained(tmp)
+        lm_tokenizer.save_pretrained(tmp)
+
+    _save_dir(out / "lm", save_lm)
+    report["lm"] = {
+        "config": {k: getattr(lm.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
+        "parameters": sum(x.numel() for x in lm.parameters()),
+        "context": p.lm_context,
+        "train_tokens": train_blocks.numel(),
+        **lm_train,
+        "val_perplexity": round(ppl, 3),
+        "val_tokens": val_blocks.numel(),
+        "uniform_perplexity": len(lm_tokenizer),
+        "seconds_total": round(time.monotonic() - t2, 1),
+    }
+    _log(f"lm: held-out perplexity {ppl:.2f} (uniform {len(lm_tokenizer)}), {lm_train['tokens_seen']} tokens seen")
+    report["seconds_used"] = round(time.monotonic() - t0, 1)
+    report["targets"] = {
+        "retrieval_top1>=0.5": report["clip"]["retrieval_top1"] >= 0.5,
+        **{f"probe_{k}>=0.9": v["accuracy"] >= 0.9 for k, v in report["clip"]["probes"].items()},
+    }
+    _write_json(out / "report.json", report)
+    return report
+
+
+def _new_clip(config):
+    from transformers import CLIPModel
+
+    return CLIPModel(config)
+
+
+def _new_lm(config):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(config)
+
+
+def _clip_summary(model) -> dict[str, Any]:
+    v, t = model.config.vision_config, model.config.text_config
+    return {
+        "vision": {k: getattr(v, k) for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")},
+        "text": {k: getattr(t, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")},
+        "projection_dim": model.config.projection_dim,
+    }
+
+
+def _clip_line(r: dict[str, Any]) -> str:
+    probes = ", ".join(
+        f"{k} {v['accuracy']:.2f} (random init {r['probes_random_init'][k]['accuracy']:.2f}, chance {v['chance']:.2f})"
+        for k, v in r["probes"].items()
+    )
+    negs = ", ".join(f"{k} {v:.2f}" for k, v in r["hard_negative_accuracy"].items())
+    return (
+        f"clip: retrieval top-1 {r['retrieval_top1']:.3f} among {r['retrieval_scenes']} (chance {r['retrieval_chance']:.3f}); "
+        f"hard negatives {negs}; probes {probes}; {r['steps']} steps, {r['epochs']} epochs"
+    )
+
+

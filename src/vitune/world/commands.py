@@ -1,0 +1,47 @@
+"""`vitune world render` and `vitune world backbones`: the synthetic world's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    world = subparsers.add_parser("world", help="render the synthetic world and make its stand-in backbones")
+    sub = world.add_subparsers(dest="world_command", metavar="STEP", required=True)
+
+    render = sub.add_parser("render", help="render scenes: W/images/*.png and W/{train,val,test}.jsonl")
+    render.add_argument("--out", type=Path, required=True, help="world directory to write")
+    render.add_argument("--scenes", type=int, default=20000, help="training scenes (default 20000)")
+    render.add_argument("--eval-scenes", type=int, default=1000, help="scenes in each of val and test (default 1000)")
+    render.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    render.add_argument("--size", type=int, default=48, help="image side in pixels (default 48)")
+    render.set_defaults(func=_render)
+
+    backbones = sub.add_parser(
+        "backbones", help="train a tokenizer, a CLIP (B/clip) and a Llama LM (B/lm) on a rendered world"
+    )
+    backbones.add_argument("--world", type=Path, required=True, help="world directory from `vitune world render`")
+    backbones.add_argument("--out", type=Path, required=True, help="backbones directory to write")
+    backbones.add_argument("--preset", default="tiny", help="model sizes and schedule: quick, tiny or small (default tiny)")
+    backbones.add_argument(
+        "--seconds", type=float, default=None, help="total time budget, split across the steps (default: the preset's)"
+    )
+    backbones.set_defaults(func=_backbones)
+
+
+def _render(args: argparse.Namespace) -> int:
+    from vitune.world.render import render_world
+
+    render_world(args.out, scenes=args.scenes, eval_scenes=args.eval_scenes, seed=args.seed, size=args.size)
+    print(f"world written to {args.out}")
+    return 0
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from vitune.world.backbones import make_backbones
+
+    report = make_backbones(args.world, args.out, preset=args.preset, seconds=args.seconds)
+    print(json.dumps(report, indent=2))
+    return 0

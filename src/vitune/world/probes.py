@@ -1,0 +1,96 @@
+"""Gauges of the world's CLIP: caption retrieval, hard-negative choice, and linear probes on the
+patch features LLaVA will use (vision tower, penultimate layer, patch tokens).
+
+A probe reads one object from the frozen features: the patch tokens are averaged over the
+object's box (each patch weighted by how much of it the box covers) and a logistic regression,
+fitted on the objects of some held-out scenes and scored on others, predicts the object's shape,
+colour and 3x3 position. A probe on a randomly initialised tower of the same shape is the
+baseline: what the architecture gives for free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vitune.world.scene import COLORS, SHAPES, Scene, position_phrase
+
+POSITIONS: tuple[str, ...] = (
+    "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
+)  # fmt: skip
+PROBE_TARGETS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLORS, "position": POSITIONS}
+
+
+def box_weights(bbox: Sequence[float], grid: int) -> torch.Tensor:
+    """[grid*grid] weights: the share of each patch (row-major) that the box covers, summing to 1."""
+    x1, y1, x2, y2 = bbox
+    edges = torch.arange(grid + 1, dtype=torch.float32) / grid
+    wx = (torch.minimum(edges[1:], torch.tensor(x2)) - torch.maximum(edges[:-1], torch.tensor(x1))).clamp(min=0)
+    wy = (torch.minimum(edges[1:], torch.tensor(y2)) - torch.maximum(edges[:-1], torch.tensor(y1))).clamp(min=0)
+    w = (wy[:, None] * wx[None, :]).flatten()
+    return w / w.sum().clamp(min=1e-8)
+
+
+def object_labels(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
+    """Per object (scene order, then instance order): index of its shape, colour and position."""
+    insts = [i for s in scenes for i in s.instances]
+    return {
+        "shape": torch.tensor([SHAPES.index(i.category) for i in insts]),
+        "color": torch.tensor([COLORS.index(i.color) for i in insts]),
+        "position": torch.tensor([POSITIONS.index(position_phrase(i)) for i in insts]),
+    }
+
+
+def pooled_object_features(patch_features: torch.Tensor, scenes: Sequence[Scene]) -> torch.Tensor:
+    """[objects, D] from [scenes, grid*grid, D] patch features, averaged over each object's box."""
+    grid = int(round(patch_features.shape[1] ** 0.5))
+    rows = []
+    for k, scene in enumerate(scenes):
+        for inst in scene.instances:
+            rows.append(box_weights(inst.bbox, grid) @ patch_features[k])
+    return torch.stack(rows)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300, weight_decay: float = 1e-3) -> torch.nn.Linear:
+    """Multinomial logistic regression (standardised inputs folded into the layer), full-batch LBFGS."""
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mean) / std
+    layer = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=0.5, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(layer(z), y) + weight_decay * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():  # fold the standardisation in, so the probe reads raw features
+        layer.weight.div_(std)
+        layer.bias.sub_(layer.weight @ mean)
+    return layer
+
+
+def probe_accuracies(
+    train_features: torch.Tensor, train_scenes: Sequence[Scene], test_features: torch.Tensor, test_scenes: Sequence[Scene]
+) -> dict[str, dict[str, float]]:
+    """Accuracy and chance (majority class of the probe's training objects) per target."""
+    xtr, xte = pooled_object_features(train_features, train_scenes), pooled_object_features(test_features, test_scenes)
+    ytr, yte = object_labels(train_scenes), object_labels(test_scenes)
+    out = {}
+    with torch.enable_grad():
+        for target, classes in PROBE_TARGETS.items():
+            probe = fit_probe(xtr, ytr[target], len(classes))
+            with torch.no_grad():
+                acc = (probe(xte).argmax(-1) == yte[target]).float().mean().item()
+            majority = torch.bincount(ytr[target], minlength=len(classes)).argmax()
+            chance = (yte[target] == majority).float().mean().item()
+            out[target] = {"accuracy": round(acc, 4), "chance": round(chance, 4)}
+    return out
+
+
+def retrieval_top1(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
+    """Image-to-text top-1: the share of images whose own caption (same row) scores highest."""
+    sims = image_embeds @ text_embeds.T
+    return (sims.argmax(-1) == torch.arange(len(sims))).float().mean().item()
