@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vitune.world.commands",
     "vitune.datagen.commands",
     "vitune.model.commands",
+    "vitune.interop.commands",
     "vitune.eval.commands",
 )
 

@@ -65,7 +65,7 @@ class LlavaProcessor:
         """PIL images (or paths/bytes) -> [N, 3, H, W] float tensor."""
         pil = [load_image(im) for im in images]
         if self.config.image_aspect_ratio == "pad":
-            fill = tuple(int(round(m * 255)) for m in self.image_processor.image_mean)
+            fill = tuple(int(m * 255) for m in self.image_processor.image_mean)  # as LLaVA and transformers do
             pil = [expand_to_square(im, fill) for im in pil]  # type: ignore[arg-type]
         return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]
 

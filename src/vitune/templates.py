@@ -294,7 +294,15 @@ def encode_conversation(
     ids: list[int] = []
     labels: list[int] = []
     num_images = 0
+    # Adjacent unsupervised pieces (prefix, system, user turn, header) are tokenized as one string,
+    # as a whole-prompt tokenizer would: no stray word-boundary tokens at their seams.
+    merged: list[tuple[str, bool]] = []
     for text, supervised in template.segments(messages, tokenizer, add_generation_prompt):
+        if merged and not supervised and not merged[-1][1]:
+            merged[-1] = (merged[-1][0] + text, False)
+        else:
+            merged.append((text, supervised))
+    for text, supervised in merged:
         for j, chunk in enumerate(text.split(IMAGE_MARKER)):
             if j > 0:
                 if supervised:
