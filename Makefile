@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo ablations bench stress clean
+
+.PHONY: install browser test test-slow clean
 
 install: $(STAMP)
 
@@ -17,7 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# The web demo's test drives Debian's Chromium (headless, through playwright); never a downloaded browser.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: install browser
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 test-slow: install

@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vitune.model.commands",
     "vitune.interop.commands",
     "vitune.eval.commands",
+    "vitune.serve.commands",
 )
 
 
