@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 import re
-import time
 from collections import Counter
 
 import pytest
@@ -272,16 +271,13 @@ def test_conversation_includes_bare_short_answers_of_every_type():
     assert set(covered) == {"color", "category", "count", "position", "exists", "relation"}
 
 
-def test_rules_teacher_is_deterministic_and_fast():
+def test_rules_teacher_is_deterministic():
     a = [rules.generate(s, "conversation", random.Random(7)).turns for s in SCENES[:50]]
     b = [rules.generate(s, "conversation", random.Random(7)).turns for s in SCENES[:50]]
     assert a == b
-    start = time.perf_counter()
-    for i, scene in enumerate(SCENES):
-        for kind in rules.KINDS:
-            rules.generate(scene, kind, random.Random(i))
-    per_sample = (time.perf_counter() - start) / (3 * len(SCENES))
-    assert per_sample < 0.002  # thousands of scenes in seconds
+    # a different seed gives different (varied) data for the same scenes
+    c = [rules.generate(s, "conversation", random.Random(8)).turns for s in SCENES[:50]]
+    assert a != c
 
 
 # -- the shared short-answer questions ---------------------------------------------------------

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from vitune.errors import VituneError
+from vitune.errors import USER_FIXABLE_ERRNOS, VituneError, describe_os_error
 
 # Order is the order of `vitune --help`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vitune.datagen.commands",
     "vitune.model.commands",
     "vitune.interop.commands",
+    "vitune.train.commands",
     "vitune.eval.commands",
     "vitune.serve.commands",
 )
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except VituneError as err:
         print(f"vitune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, no permission: the user's to fix, said in one line
+        if err.errno not in USER_FIXABLE_ERRNOS:
+            raise
+        print(f"vitune {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     return int(result or 0)
 
