@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vitune.train.commands",
     "vitune.eval.commands",
     "vitune.serve.commands",
+    "vitune.demo",
 )
 
 

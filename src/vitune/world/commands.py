@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     render = sub.add_parser("render", help="render scenes: W/images/*.png and W/{train,val,test}.jsonl")
     render.add_argument("--out", type=Path, required=True, help="world directory to write")
-    render.add_argument("--scenes", type=int, default=20000, help="training scenes (default 20000)")
+    render.add_argument("--scenes", type=int, default=10000, help="training scenes (default 10000)")
     render.add_argument("--eval-scenes", type=int, default=1000, help="scenes in each of val and test (default 1000)")
     render.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     render.add_argument("--size", type=int, default=48, help="image side in pixels (default 48)")

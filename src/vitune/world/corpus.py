@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 from vitune.world.captions import counted, indefinite, join, number_word, where
 from vitune.world.questions import SHORT_ANSWER_SUFFIX, Question, short_answer_questions
-from vitune.world.scene import Instance, Scene, position_phrase, relation
+from vitune.world.scene import Scene, relation
 
 BRIEF_INSTRUCTIONS: tuple[str, ...] = (
     "Describe the image concisely.",
@@ -194,12 +194,3 @@ def corpus(scenes: Sequence[Scene], seed: int) -> Iterator[str]:
     rng = random.Random(seed)
     for scene in scenes:
         yield from scene_documents(scene, rng, system)
-
-
-def object_phrase(inst: Instance) -> str:
-    """'large red circle at the top left': how region-text pretraining names one object."""
-    return f"{inst.size} {inst.name} {where(inst)}".strip()
-
-
-def position_label(inst: Instance) -> str:
-    return position_phrase(inst)

@@ -14,11 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
+from vitune.world.questions import POSITIONS
 from vitune.world.scene import COLORS, SHAPES, Scene, position_phrase
 
-POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
-)  # fmt: skip
 PROBE_TARGETS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLORS, "position": POSITIONS}
 
 

@@ -1,0 +1,246 @@
+"""`make demo`: the whole LLaVA pipeline on the synthetic world, end to end, in minutes on a CPU.
+
+The paper's recipe at toy scale, through the same code paths as a real run:
+  world      render scenes with captions and boxes            (COCO images + annotations)
+  backbones  a tokenizer, a contrastive CLIP, a pretrained LM  (CLIP ViT-L/14, Vicuna)
+  data       stage-1 captions + rules-teacher instructions     (CC3M/LAION captions, GPT-4 data)
+  build      vision + projector + LLM                          (`vitune build`)
+  stage1     feature alignment: only the projector learns
+  stage2     instruction tuning: projector + LLM learn
+  eval       toy-vqa, toy-scienceqa, toy-bench on held-out scenes
+  chat       one streamed answer about a held-out image
+Each step records its result in `OUT/steps/STEP.json`; a rerun reuses finished steps (`--fresh`
+starts over). `OUT/metrics.json` gathers the timings and the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitune.errors import VituneError
+from vitune.io import atomic_write_json
+
+STEPS = ("world", "backbones", "data", "build", "stage1", "stage2", "eval", "chat")
+EVAL_TASKS = ("toy-vqa", "toy-scienceqa", "toy-bench")
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    seed: int = 0
+    scenes: int = 6000
+    eval_scenes: int = 300
+    image_size: int = 48  # the world's default: 12 px patches give 16 image tokens
+    backbone_preset: str = "tiny"
+    backbone_seconds: float = 200.0
+    # instruction data: samples per kind (drawn over the training scenes)
+    mix: dict[str, int] = field(default_factory=lambda: {"conversation": 6000, "detail": 1000, "complex": 1000})
+    stage1_overrides: list[str] = field(default_factory=list)
+    stage2_overrides: list[str] = field(default_factory=list)
+    eval_limit: int | None = None  # held-out scenes per task (None: all eval scenes)
+    eval_batch_size: int = 32
+    chat_question: str = "What objects are in this image, and where are they?"
+
+
+PRESETS: dict[str, DemoConfig] = {
+    "default": DemoConfig(),
+    # seconds, for the test suite: every step runs, nothing is expected to be learned well
+    "quick": DemoConfig(
+        out="runs/demo-quick", scenes=120, eval_scenes=12, backbone_preset="quick", backbone_seconds=8.0,
+        mix={"conversation": 60, "detail": 20, "complex": 20},
+        stage1_overrides=["train.epochs=1"], stage2_overrides=["train.epochs=1"], eval_limit=6, eval_batch_size=8,
+    ),
+}
+
+
+class Demo:
+    def __init__(self, config: DemoConfig) -> None:
+        self.c = config
+        self.out = Path(config.out)
+        self.world = self.out / "world"
+        self.backbones = self.out / "backbones"
+        self.data = self.out / "data"
+        self.model = self.out / "model"
+        self.eval_dir = self.out / "eval"
+
+    # -- the steps -------------------------------------------------------------------------
+    def step_world(self) -> dict[str, Any]:
+        from vitune.world.render import render_world
+
+        render_world(self.world, scenes=self.c.scenes, eval_scenes=self.c.eval_scenes, seed=self.c.seed, size=self.c.image_size)
+        return {"line": f"{self.c.scenes} training scenes, {self.c.eval_scenes} validation and test scenes, {self.c.image_size}px"}
+
+    def step_backbones(self) -> dict[str, Any]:
+        from vitune.world.backbones import make_backbones
+
+        report = make_backbones(self.world, self.backbones, preset=self.c.backbone_preset, seconds=self.c.backbone_seconds, seed=self.c.seed)
+        return {"report": report, "line": _backbone_line(report)}
+
+    def step_data(self) -> dict[str, Any]:
+        from vitune.datagen.captions import CaptionPair, caption_samples
+        from vitune.datagen.instruct import generate_dataset, plan_jobs
+        from vitune.datagen.teachers import TeacherOptions, get_teacher
+        from vitune.io import atomic_write_json
+        from vitune.world.scene import read_scenes
+
+        scenes = list(read_scenes(self.world / "train.jsonl"))
+        pairs = [CaptionPair(s.id, s.image, caption) for s in scenes for caption in s.captions[:1]]
+        stage1 = caption_samples(pairs, seed=self.c.seed)
+        atomic_write_json(self.data / "stage1.json", stage1, indent=None)
+        teacher = get_teacher("rules", TeacherOptions(seed=self.c.seed, progress=True))
+        jobs = plan_jobs(scenes, list(self.c.mix), self.c.mix, self.c.seed)
+        records, summary = generate_dataset(teacher, jobs, self.data / "instruct.json", self.data / "instruct.quarantine.jsonl")
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary.per_kind.items()))
+        return {"stage1": len(stage1), "stage2": len(records), "line": f"stage 1: {len(stage1)} caption samples; stage 2: {len(records)} ({kinds})"}
+
+    def step_build(self) -> dict[str, Any]:
+        from vitune.model.build import build_llava
+
+        model, processor = build_llava(str(self.backbones / "clip"), str(self.backbones / "lm"), projector="mlp2x_gelu",
+                                       template="vicuna_v1", seed=self.c.seed)
+        model.save_pretrained(self.model, processor)
+        n = sum(p.numel() for p in model.parameters())
+        return {"parameters": n, "line": f"{n / 1e6:.2f}M parameters, {model.config.num_image_tokens} image tokens per image"}
+
+    def _train(self, preset: str, stage: str, overrides: list[str]) -> dict[str, Any]:
+        from vitune.train import load_config, run_training
+
+        paths = [f"model.path={self.model}", f"data.image_folder={self.world}", f"train.output_dir={self.out / stage}", f"train.seed={self.c.seed}"]
+        if stage == "stage1":
+            paths.append(f"data.path=[{self.data / 'stage1.json'}]")
+        else:
+            paths += [f"data.path=[{self.data / 'instruct.json'}]", f"model.projector={self.out / 'stage1'}"]
+        config = load_config(preset, [*paths, *overrides])
+        run_dir = run_training(config)
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        losses = [m["loss"] for m in metrics if "loss" in m]
+        first, last = (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
+        return {"steps": len(metrics), "first_loss": first, "last_loss": last, "line": f"loss {first:.3f} -> {last:.3f} over {len(losses)} logged steps"}
+
+    def step_stage1(self) -> dict[str, Any]:
+        return self._train("world-stage1", "stage1", self.c.stage1_overrides)
+
+    def step_stage2(self) -> dict[str, Any]:
+        return self._train("world-stage2", "stage2", self.c.stage2_overrides)
+
+    def step_eval(self) -> dict[str, Any]:
+        from vitune.eval.toy import run_toy_task
+        from vitune.inference import Pipeline
+
+        pipe = Pipeline.from_pretrained(self.out / "stage2" / "model")
+        results = {}
+        for task in EVAL_TASKS:
+            r = run_toy_task(task, self.world, pipe, self.eval_dir, limit=self.c.eval_limit, seed=self.c.seed, batch_size=self.c.eval_batch_size)
+            results[task] = {
+                "accuracy": r["accuracy"],
+                "chance": r["chance"],
+                "by_type": {t: {k: v[k] for k in ("accuracy", "chance", "n")} for t, v in r.get("by_type", {}).items()},
+            }
+        line = ", ".join(f"{t} {results[t]['accuracy']:.3f} (chance {results[t]['chance']:.3f})" for t in EVAL_TASKS)
+        return {"eval": results, "line": line}
+
+    def step_chat(self) -> dict[str, Any]:
+        from vitune.images import load_image
+        from vitune.inference import GenerationRequest, Pipeline, SamplingParams
+        from vitune.world.scene import read_scenes
+
+        scene = next(iter(read_scenes(self.world / "test.jsonl")))
+        image = self.world / scene.image
+        pipe = Pipeline.from_pretrained(self.out / "stage2" / "model")
+        request = GenerationRequest([{"role": "user", "content": self.c.chat_question}], [load_image(image)], SamplingParams(max_new_tokens=96))
+        print(f"\n  image: {image}\n  user: {self.c.chat_question}\n  assistant: ", end="", flush=True)
+        pieces = []
+        for piece in pipe.stream(request):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print("\n")
+        return {"image": str(image), "question": self.c.chat_question, "answer": "".join(pieces).strip(), "line": "answered"}
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self, fresh: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+        if fresh and self.out.exists():
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / "demo_config.json", asdict(self.c))
+        started = time.perf_counter()
+        results: dict[str, dict[str, Any]] = {}
+        for i, name in enumerate(STEPS, 1):
+            record = self.out / "steps" / f"{name}.json"
+            if record.is_file() and (only is None or name not in only):
+                results[name] = json.loads(record.read_text())
+                print(f"[{i}/{len(STEPS)}] {name}: reused ({results[name]['seconds']:.0f}s) {results[name]['line']}")
+                continue
+            print(f"[{i}/{len(STEPS)}] {name} ...", flush=True)
+            t0 = time.perf_counter()
+            step: Callable[[], dict[str, Any]] = getattr(self, f"step_{name}")
+            result = step()
+            result["seconds"] = round(time.perf_counter() - t0, 2)
+            atomic_write_json(record, result)
+            # A redone step invalidates every later step's record.
+            for later in STEPS[i:]:
+                (self.out / "steps" / f"{later}.json").unlink(missing_ok=True)
+            results[name] = result
+            print(f"[{i}/{len(STEPS)}] {name}: {result['seconds']:.0f}s  {result['line']}", flush=True)
+        metrics = {
+            "total_seconds": round(sum(r["seconds"] for r in results.values()), 2),
+            "wall_seconds": round(time.perf_counter() - started, 2),
+            "steps": {name: {"seconds": r["seconds"]} for name, r in results.items()},
+            "eval": results["eval"]["eval"],
+        }
+        atomic_write_json(self.out / "metrics.json", metrics)
+        print(results_table(metrics))
+        return metrics
+
+
+def _backbone_line(report: dict[str, Any]) -> str:
+    parts = []
+    clip = report.get("clip", {})
+    for key, label in (("retrieval_top1", "retrieval"),):
+        if key in clip:
+            parts.append(f"{label} {clip[key]:.2f}")
+    for name, value in sorted(clip.get("probes", {}).items()):
+        parts.append(f"{name} probe {value:.2f}" if isinstance(value, float) else f"{name} probe {value}")
+    if "perplexity" in report.get("lm", {}):
+        parts.append(f"LM perplexity {report['lm']['perplexity']:.2f}")
+    return ", ".join(parts) or "done"
+
+
+def results_table(metrics: dict[str, Any]) -> str:
+    lines = [f"\n{'task':<15}{'type':<12}{'accuracy':>10}{'chance':>9}{'n':>7}", "-" * 53]
+    for task, r in metrics["eval"].items():
+        lines.append(f"{task:<15}{'all':<12}{r['accuracy']:>10.3f}{r['chance']:>9.3f}{'':>7}")
+        for t, v in r["by_type"].items():
+            lines.append(f"{'':<15}{t:<12}{v['accuracy']:>10.3f}{v['chance']:>9.3f}{v['n']:>7}")
+    lines.append("-" * 53)
+    lines.append("step seconds: " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in metrics["steps"].items())
+                 + f"; total {metrics['total_seconds']:.0f}s")
+    return "\n".join(lines)
+
+
+def main_demo(preset: str = "default", fresh: bool = False, out: str | None = None, redo: list[str] | None = None) -> dict[str, Any]:
+    if preset not in PRESETS:
+        raise VituneError(f"unknown demo preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    config = PRESETS[preset]
+    if out:
+        config = DemoConfig(**{**asdict(config), "out": out})
+    for step in redo or []:
+        if step not in STEPS:
+            raise VituneError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    return Demo(config).run(fresh=fresh, only=redo)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="the whole pipeline on the synthetic world (what `make demo` runs)")
+    p.add_argument("--preset", default="default", help=f"demo size: {', '.join(PRESETS)} (default: default)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-quick)")
+    p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    p.add_argument("--redo", action="append", default=[], metavar="STEP", help=f"redo one step and those after it ({', '.join(STEPS)})")
+    p.set_defaults(func=lambda args: main_demo(args.preset, args.fresh, args.out, args.redo) and 0)

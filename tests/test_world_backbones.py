@@ -1,0 +1,144 @@
+"""The world's backbones: trained by the quick preset in seconds, loaded with plain transformers."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitune.errors import VituneError
+from vitune.world.backbones import PRESETS, load_images, lr_at, make_backbones, normalize
+from vitune.world.corpus import corpus, template_texts
+from vitune.world.probes import box_weights
+from vitune.world.render import render_world
+from vitune.world.scene import COLORS, SHAPES, read_scenes
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("backbones")
+    world, out = root / "world", root / "out"
+    render_world(world, scenes=400, eval_scenes=100, seed=3, size=48)
+    report = make_backbones(world, out, preset="quick", seconds=20)
+    return world, out, report
+
+
+def test_report(made: tuple[Path, Path, dict]) -> None:
+    _, out, report = made
+    assert json.loads((out / "report.json").read_text()) == report
+    assert report["clip"]["steps"] > 0 and report["lm"]["steps"] > 0
+    assert report["clip"]["retrieval_scenes"] == 100
+    assert set(report["clip"]["probes"]) == {"shape", "color", "position"}
+    assert report["clip"]["image_tokens"] == (48 // PRESETS["quick"].patch_size) ** 2
+
+
+def test_quick_preset_beats_chance(made: tuple[Path, Path, dict]) -> None:
+    clip, lm = made[2]["clip"], made[2]["lm"]
+    assert clip["retrieval_top1"] > 2 * clip["retrieval_chance"], clip
+    for target, probe in clip["probes"].items():
+        assert probe["accuracy"] > probe["chance"] + 0.1, target
+    # Training (not the architecture) puts the object's place into its patch features.
+    assert clip["probes"]["position"]["accuracy"] > clip["probes_random_init"]["position"]["accuracy"] + 0.1
+    assert lm["val_perplexity"] < lm["uniform_perplexity"] / 4
+
+
+def test_clip_loads_with_transformers(made: tuple[Path, Path, dict]) -> None:
+    from transformers import CLIPModel, CLIPProcessor, CLIPVisionModel
+
+    world, out, _ = made
+    model = CLIPModel.from_pretrained(out / "clip").eval()
+    vision = CLIPVisionModel.from_pretrained(out / "clip").eval()
+    processor = CLIPProcessor.from_pretrained(out / "clip")
+    scenes = list(read_scenes(world / "test.jsonl"))[:4]
+    from PIL import Image
+
+    images = [Image.open(world / s.image) for s in scenes]
+    inputs = processor(text=[s.captions[1] for s in scenes], images=images, return_tensors="pt", padding=True)
+    # The processor prepares pixels exactly as training did.
+    torch.testing.assert_close(inputs["pixel_values"], normalize(load_images(world, scenes, 48)), atol=1e-5, rtol=0)
+    assert (inputs["input_ids"] == processor.tokenizer.eos_token_id).any(-1).all()
+    with torch.no_grad():
+        out_full = model(**inputs)
+        out_vision = vision(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+        out_tower = model.vision_model(pixel_values=inputs["pixel_values"], output_hidden_states=True)
+    assert out_full.logits_per_image.shape == (4, 4)
+    torch.testing.assert_close(out_vision.hidden_states[-2], out_tower.hidden_states[-2])
+    assert out_vision.hidden_states[-2].shape == (4, 1 + (48 // PRESETS["quick"].patch_size) ** 2, PRESETS["quick"].vision_hidden)
+
+
+def test_lm_and_tokenizer_load_with_transformers(made: tuple[Path, Path, dict]) -> None:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    _, out, _ = made
+    lm = LlamaForCausalLM.from_pretrained(out / "lm").eval()
+    for path in (out / "lm", out / "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(path)
+        assert [tok.pad_token, tok.unk_token, tok.bos_token, tok.eos_token] == ["<pad>", "<unk>", "<s>", "</s>"]
+        text = "USER: How many red circles are there? Answer with a single word or phrase. ASSISTANT: 2"
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id  # Llama convention
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        assert tok.unk_token_id not in tok("Ünïcode & emoji 🙂 survive byte-level BPE")["input_ids"]
+    assert lm.config.vocab_size == len(tok) and lm.config.eos_token_id == tok.eos_token_id
+    prompt = tok("There are two objects:", return_tensors="pt")
+    with torch.no_grad():
+        generated = lm.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_tokenizer_has_words_for_the_world_and_its_questions(made: tuple[Path, Path, dict]) -> None:
+    """At the tiny preset's vocabulary size the world's words are single tokens."""
+    from vitune.world.tokenizer import as_transformers, train_tokenizer
+
+    world = made[0]
+    scenes = list(read_scenes(world / "train.jsonl"))
+    tok = as_transformers(train_tokenizer(list(corpus(scenes, 0)) + template_texts(), PRESETS["tiny"].vocab_size), False, 512)
+    words = [*SHAPES, *COLORS, "left", "right", "top", "bottom", "center", "above", "below", "yes", "no", "How", "many", "step"]
+    for word in words:
+        assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
+
+
+def test_corpus_covers_question_kinds(made: tuple[Path, Path, dict]) -> None:
+    scenes = list(read_scenes(made[0] / "val.jsonl"))[:50]
+    text = "\n".join(corpus(scenes, 0))
+    for needle in ("What color", "How many", "Where is", "relative to", "yes", "no", "step by step", "in detail", "ASSISTANT:"):
+        assert needle in text, needle
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(VituneError, match="world.json"):
+        make_backbones(tmp_path / "nowhere", tmp_path / "out", preset="quick", seconds=1)
+    with pytest.raises(VituneError, match="unknown backbone preset 'huge'"):
+        make_backbones(tmp_path, tmp_path / "out", preset="huge", seconds=1)
+
+
+def test_lr_schedule() -> None:
+    assert lr_at(0.0, 1.0) < 0.05 and lr_at(0.05, 1.0) == pytest.approx(1.0)
+    assert lr_at(1.0, 1.0) == pytest.approx(0.05)
+    values = [lr_at(t / 100, 1.0) for t in range(5, 101)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_box_weights() -> None:
+    inside = box_weights((0.05, 0.05, 0.2, 0.2), 4)
+    assert inside[0] == pytest.approx(1.0) and inside.sum() == pytest.approx(1.0)
+    spread = box_weights((0.0, 0.0, 0.5, 0.5), 4)
+    assert spread.tolist() == pytest.approx([0.25, 0.25, 0, 0, 0.25, 0.25, 0, 0] + [0] * 8)
+    rng = random.Random(0)
+    for _ in range(20):
+        x1, y1 = rng.random() * 0.8, rng.random() * 0.8
+        assert box_weights((x1, y1, x1 + 0.2, y1 + 0.2), 6).sum() == pytest.approx(1.0)
+
+
+def test_cli_parses_backbones(tmp_path: Path) -> None:
+    import argparse
+
+    from vitune.world import commands
+
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["world", "backbones", "--world", "W", "--out", "B", "--preset", "tiny", "--seconds", "30"])
+    assert (args.world, args.out, args.preset, args.seconds) == (Path("W"), Path("B"), "tiny", 30.0)
