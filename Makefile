@@ -4,9 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?=
 
-
-.PHONY: install browser test test-slow clean
+.PHONY: install browser test test-slow demo ablations bench stress clean
 
 install: $(STAMP)
 
@@ -25,8 +26,20 @@ browser:
 test: install browser
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
+# The whole pipeline on the synthetic world (runs/demo/); a rerun reuses finished steps.
+demo: install
+	$(BIN)/vitune demo $(DEMO_ARGS)
+
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# vitune against transformers' LLaVA on the same weights: runs/bench/results.json and a table.
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The long reliability checks (load, full-size attacks, repeated kills): runs/stress/results.json.
+stress: install
+	$(BIN)/python stress/run.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

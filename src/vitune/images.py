@@ -28,6 +28,8 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
                 image = Image.open(source)
         except FileNotFoundError:
             raise VituneError(f"{label}: image file not found") from None
+        except Image.DecompressionBombError as err:  # not an OSError: Pillow's own refusal past 2x MAX_IMAGE_PIXELS
+            raise VituneError(f"{label}: image is over the limit of a decodable size ({err})") from None
         except (UnidentifiedImageError, OSError) as err:
             raise VituneError(f"{label}: not a decodable image ({err})") from None
     width, height = image.size

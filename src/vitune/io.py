@@ -36,9 +36,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: name ours
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     fsync_dir(path.parent)
 

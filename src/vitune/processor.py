@@ -21,6 +21,19 @@ from vitune.model.config import LlavaConfig
 from vitune.templates import IMAGE_MARKER, Encoded, Message, encode_conversation, get_template, normalize_conversation
 
 
+# Longest side an image keeps before being padded to a square (see `preprocess_images`).
+MAX_PAD_SIDE = 2048
+
+
+def shrink_long_side(image: Image.Image, limit: int) -> Image.Image:
+    """The image scaled down (aspect kept, each side at least 1 pixel) so its long side is at most `limit`."""
+    width, height = image.size
+    if max(width, height) <= limit:
+        return image
+    scale = limit / max(width, height)
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
+
+
 class LlavaProcessor:
     def __init__(self, tokenizer: Any, image_processor: Any, config: LlavaConfig) -> None:
         self.tokenizer = tokenizer
@@ -65,6 +78,10 @@ class LlavaProcessor:
         """PIL images (or paths/bytes) -> [N, 3, H, W] float tensor."""
         pil = [load_image(im) for im in images]
         if self.config.image_aspect_ratio == "pad":
+            # A 10000x10 image is a few hundred bytes, but its padded square is 10^8 pixels (over a
+            # GB once the image processor has it as floats): bound the square's side first. Images
+            # within the bound, which is far above any encoder's input size, are untouched.
+            pil = [shrink_long_side(im, max(MAX_PAD_SIDE, 4 * self.image_size)) for im in pil]
             fill = tuple(int(m * 255) for m in self.image_processor.image_mean)  # as LLaVA and transformers do
             pil = [expand_to_square(im, fill) for im in pil]  # type: ignore[arg-type]
         return self.image_processor(images=pil, return_tensors="pt")["pixel_values"]

@@ -3,6 +3,8 @@
 The answer log (`--out answers.jsonl`) is the run's state: every line is
 `{"question_id", "prompt", "text", "model_id", ...task fields}`, flushed as soon as it is
 written, and a rerun skips the ids already there, so a killed run resumes where it stopped.
+An endpoint's answers are logged one by one as they arrive (a kill loses only the requests in
+flight, nothing already paid for); a finished log is put back in question order.
 `--shard i/n` answers the i-th of n contiguous slices of the questions (one process per slice,
 each with its own `--out`); `merge_answers` joins the shard logs.
 
@@ -17,8 +19,8 @@ import base64
 import mimetypes
 import sys
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,10 +125,7 @@ def run_answers(
     with JsonlLog(out) as log:
         for start in range(0, len(todo), max(1, answerer.chunk_size)):
             chunk = todo[start : start + max(1, answerer.chunk_size)]
-            answers = answerer.answer(chunk)
-            if len(answers) != len(chunk):
-                raise VituneError(f"{answerer.name}: {len(answers)} answers for {len(chunk)} questions")
-            for item, ans in zip(chunk, answers, strict=True):
+            for item, ans in _answers(answerer, chunk):
                 if ans.text is None:
                     run.failed.append(f"{item.question_id}: {ans.error}")
                     continue
@@ -143,7 +142,32 @@ def run_answers(
                 run.written += 1
             bar(len(chunk))
     bar(0, close=True)
+    if run.written:
+        _restore_order(out, ids)
     return run
+
+
+def _answers(answerer: Answerer, chunk: list[EvalItem]) -> Iterator[tuple[EvalItem, Answer]]:
+    """(item, answer) pairs: one by one as they complete when the answerer can stream them (a paid
+    endpoint: a kill then loses only the requests in flight), else the whole chunk at once."""
+    each = getattr(answerer, "answer_each", None)
+    if each is not None:
+        yield from each(chunk)
+        return
+    answers = answerer.answer(chunk)
+    if len(answers) != len(chunk):
+        raise VituneError(f"{answerer.name}: {len(answers)} answers for {len(chunk)} questions")
+    yield from zip(chunk, answers, strict=True)
+
+
+def _restore_order(path: Path, ids: list[str]) -> None:
+    """Answers streamed in completion order are put back in question order (atomically), so a
+    finished log is the same file however often the run was interrupted."""
+    position = {qid: i for i, qid in enumerate(ids)}
+    records = read_jsonl(path)
+    keys = [position.get(str(r.get("question_id")), len(ids)) for r in records]
+    if keys != sorted(keys):
+        write_jsonl(path, [r for _, r in sorted(zip(keys, records, strict=True), key=lambda kr: kr[0])])
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Callable[..., None]:
@@ -315,11 +339,22 @@ class EndpointAnswerer:
             meta["completion_tokens"] = response.usage.completion_tokens
         return Answer(choice.message.content.strip(), meta=meta)
 
-    def answer(self, items: Sequence[EvalItem]) -> list[Answer]:
+    def _check_images(self, items: Sequence[EvalItem]) -> None:
         # Images are read up front so a missing file is a clean error, not a failed request.
         for item in items:
             for path in item.images:
                 if not path.is_file():
                     raise VituneError(f"{path}: image not found (question {item.question_id!r})")
+
+    def answer(self, items: Sequence[EvalItem]) -> list[Answer]:
+        self._check_images(items)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self._one, items))
+
+    def answer_each(self, items: Sequence[EvalItem]) -> Iterator[tuple[EvalItem, Answer]]:
+        """Each (item, answer) as soon as the endpoint has answered it (completion order)."""
+        self._check_images(items)
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self._one, item): item for item in items}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
