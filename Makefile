@@ -30,6 +30,10 @@ test: install browser
 demo: install
 	$(BIN)/vitune demo $(DEMO_ARGS)
 
+# The paper's ablations at toy scale, 3 seeds each (long: about an hour on 2 cores).
+ablations: install
+	$(BIN)/vitune ablations
+
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 

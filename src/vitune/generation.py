@@ -7,6 +7,10 @@ are dropped) so the rest run at the smaller batch size. Sampling is per row: eac
 own temperature, top-p, top-k, repetition penalty and seed, so one batch can serve many clients.
 
 `decode_steps` is a generator of text deltas (the unit of streaming); `generate` drains it.
+Text is detokenized incrementally (a few tokens around the newest one per step, as TGI and vLLM
+do), so a step's cost does not grow with the length of the answer; a row with no stop strings
+that nobody streams is detokenized once, when it finishes. The final text of a row is always the
+tokenizer's decoding of all its tokens.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ class _Row:
     emitted: int = 0  # characters of text already streamed
     text: str = ""
     finish: str | None = None
+    raw: str = ""  # incremental decoding of `out[:read]`
+    prefix: int = 0  # `out[prefix:read]` is the context that the next delta is decoded after
+    read: int = 0
 
 
 class _HFRunner:
@@ -133,7 +140,10 @@ class Decoder:
         pixel_values: Sequence[torch.Tensor | None],
         params: Sequence[SamplingParams],
         cancelled: Callable[[int], bool] | None = None,
+        stream: bool = True,
     ) -> Iterator[StepEvent]:
+        """Text deltas of every row as tokens come. With `stream=False` a row without stop
+        strings yields one event, when it finishes (nothing reads its text before)."""
         model = self.model
         lm = model.language_model
         device = model.device
@@ -162,22 +172,27 @@ class Decoder:
         runner = FastLM(lm, len(rows), max_len) if self.fast and supports(lm) else _HFRunner(lm)
         logits = runner.prefill(embeds, mask)
         live = list(range(len(rows)))  # batch position -> row index
-        history = [torch.tensor(r.prompt, device=device) for r in rows]
+        needs_history = any(r.params.repetition_penalty != 1.0 for r in rows)
+        history = [torch.tensor(r.prompt, device=device) for r in rows] if needs_history else []
+        greedy = all(r.params.temperature == 0 and r.params.repetition_penalty == 1.0 for r in rows)
 
         while True:
-            tokens = self._sample(logits, [rows[i] for i in live], [history[i] for i in live])
+            if greedy:
+                tokens = logits.argmax(-1)
+            else:
+                tokens = self._sample(logits, [rows[i] for i in live], [history[i] for i in live] if needs_history else [])
             keep: list[int] = []
-            needs_history = any(r.params.repetition_penalty != 1.0 for r in rows)
-            for b, i in enumerate(live):
+            for b, (i, tok) in enumerate(zip(live, tokens.tolist(), strict=True)):
                 r = rows[i]
-                tok = int(tokens[b])
                 r.out.append(tok)
                 if needs_history:
                     history[i] = torch.cat([history[i], tokens[b : b + 1]])
-                event = self._advance(i, r, tok)
+                event = self._advance(i, r, tok, stream)
                 if r.finish is None and cancelled is not None and cancelled(i):
                     r.finish = "cancelled"
-                    event = StepEvent(i, "", "cancelled", list(r.out))
+                    # A streamed row has had its text; an unstreamed one gets what it has so far.
+                    rest = "" if stream or r.stops else self._final_text(r, r.out)
+                    event = StepEvent(i, rest, "cancelled", list(r.out))
                 if event is not None:
                     yield event
                 if r.finish is None:
@@ -191,15 +206,36 @@ class Decoder:
                 live = [live[b] for b in keep]
             logits = runner.step(tokens)
 
-    def _advance(self, i: int, r: _Row, tok: int) -> StepEvent | None:
+    def _final_text(self, r: _Row, ids: list[int]) -> str:
+        return self.decode(ids).lstrip()
+
+    def _detokenize(self, r: _Row) -> None:
+        """Extend `r.raw` with the text of the newest tokens, decoded after a few earlier ones so
+        that spacing and merges across the boundary come out as in a full decoding; an incomplete
+        multi-byte character waits for the next token."""
+        before = self.decode(r.out[r.prefix : r.read])
+        after = self.decode(r.out[r.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return
+        if after.startswith(before):
+            r.raw += after[len(before) :]
+        else:  # the tokenizer rewrote earlier text (clean-up rules): take the full decoding
+            r.raw = self.decode(r.out)
+        r.prefix, r.read = r.read, len(r.out)
+
+    def _advance(self, i: int, r: _Row, tok: int, stream: bool = True) -> StepEvent | None:
         """Update a row's text after one token; return what it can stream now."""
         if tok in self.eos_ids:
             r.finish = "stop"
-            text = self.decode(r.out[:-1]).lstrip()
+        elif len(r.out) >= r.params.max_new_tokens:
+            r.finish = "length"
+        if r.finish is None and not stream and not r.stops:
+            return None  # no one reads this row's text before it finishes
+        if r.finish is not None:
+            text = self._final_text(r, r.out[:-1] if r.finish == "stop" else r.out)
         else:
-            text = self.decode(r.out).lstrip()
-            if len(r.out) >= r.params.max_new_tokens:
-                r.finish = "length"
+            self._detokenize(r)
+            text = r.raw.lstrip()
         for s in r.stops:
             cut = text.find(s, max(0, r.emitted - len(s)))
             if cut >= 0:
@@ -219,9 +255,6 @@ class Decoder:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], history: list[torch.Tensor]) -> torch.Tensor:
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        greedy = all(r.params.temperature == 0 and r.params.repetition_penalty == 1.0 for r in rows)
-        if greedy:
-            return logits.argmax(-1)
         for b, r in enumerate(rows):
             row = logits[b]
             sp = r.params
@@ -258,7 +291,7 @@ class Decoder:
         texts = [""] * len(prompts)
         outs: list[list[int]] = [[] for _ in prompts]
         finish: list[str] = ["length"] * len(prompts)
-        for event in self.decode_steps(prompts, pixel_values, params, cancelled):
+        for event in self.decode_steps(prompts, pixel_values, params, cancelled, stream=on_event is not None):
             texts[event.row] += event.text
             if event.finish_reason is not None:
                 finish[event.row] = event.finish_reason

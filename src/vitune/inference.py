@@ -83,7 +83,8 @@ class Pipeline:
                     on_event(StepEvent(chunk[event.row], event.text, event.finish_reason, event.output_ids))
 
             outs = self.decoder.generate(
-                [prepared[i][0] for i in chunk], [prepared[i][1] for i in chunk], [requests[i].params for i in chunk], on_event=relay
+                [prepared[i][0] for i in chunk], [prepared[i][1] for i in chunk], [requests[i].params for i in chunk],
+                on_event=relay if on_event is not None else None,  # no listener: the decoder may skip streaming work
             )
             for i, out in zip(chunk, outs, strict=True):
                 results[i] = out

@@ -2,19 +2,33 @@
 
 transformers' forward is general (cache classes, mask builders, attention dispatch, output
 objects); at decode time, one token per row, that generality costs more than the arithmetic of a
-small model. This runs the same modules' weights in a straight line with a preallocated KV cache
-and one SDPA call per layer, so per-token Python overhead is a few dozen tensor ops. The numbers
-are those of the transformers model (tested to 1e-4); models of any other shape fall back to
-transformers' forward in the decoder.
+small model. This runs the same weights in a straight line: a preallocated KV cache, the rotary
+cos/sin computed once for every position of the batch, weights read straight from the modules
+(no module calls), the rotation of queries and keys done together in three tensor ops, one SDPA
+call per layer, and no attention mask at all when no row is padded. The numbers are those of the
+transformers model (tested to 1e-4); models of any other shape fall back to transformers'
+forward in the decoder.
+
+Large models use their weights in place. Small ones (decoder layers up to `FUSE_BYTES`), whose
+decoding is bound by the number of tensor ops rather than by reading weights, get fused QKV and
+gate/up matrices, copied per batch (a few milliseconds at most, and never stale when the model
+trains between two generations): 4 matrix products per layer instead of 7.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+# Rotary types whose frequencies depend on the sequence length seen so far: computed per step.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+FUSE_BYTES = 32 * 2**20
 
 
 def supports(lm: nn.Module) -> bool:
@@ -24,23 +38,80 @@ def supports(lm: nn.Module) -> bool:
     if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None)):
         return False  # a sliding window changes the mask: leave it to transformers
     inner = getattr(lm, "model", None)
-    return inner is not None and hasattr(inner, "rotary_emb") and hasattr(lm, "lm_head")
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(lm, "lm_head"):
+        return False
+    # Weights are read straight from plain Linear layers: a LoRA-wrapped or quantized projection
+    # (whose `.weight` is not the whole story) takes transformers' forward instead.
+    linears = [lm.lm_head] + [getattr(part, name) for layer in inner.layers
+                              for part, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj")))
+                              for name in names]
+    return all(type(m) is nn.Linear for m in linears) and type(inner.embed_tokens) is nn.Embedding
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's tensors, read once so the step makes no module calls."""
+
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    eps1: float
+    eps2: float
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    qb: torch.Tensor | None
+    kb: torch.Tensor | None
+    vb: torch.Tensor | None
+    o: torch.Tensor
+    ob: torch.Tensor | None
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_b: torch.Tensor | None
+    up_b: torch.Tensor | None
+    down_b: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]
+    qkv: torch.Tensor | None = None  # fused [q; k; v] (small models)
+    qkv_b: torch.Tensor | None = None
+    gate_up: torch.Tensor | None = None  # fused [gate; up]
+    gate_up_b: torch.Tensor | None = None
 
 
-def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    dtype = x.dtype
+def _cat(*parts: torch.Tensor | None) -> torch.Tensor | None:
+    return None if any(p is None for p in parts) else torch.cat(parts)  # type: ignore[arg-type]
+
+
+def _layer(layer: nn.Module, hidden_act: str, fuse: bool) -> _Layer:
+    a, m = layer.self_attn, layer.mlp
+    if fuse:
+        w = _layer(layer, hidden_act, fuse=False)
+        qkv_b = None if (w.qb, w.kb, w.vb) == (None, None, None) else _cat(*(
+            b if b is not None else t.new_zeros(t.shape[0]) for b, t in ((w.qb, w.q), (w.kb, w.k), (w.vb, w.v))))
+        gate_up_b = None if (w.gate_b, w.up_b) == (None, None) else _cat(*(
+            b if b is not None else t.new_zeros(t.shape[0]) for b, t in ((w.gate_b, w.gate), (w.up_b, w.up))))
+        return dataclasses.replace(w, qkv=torch.cat((w.q, w.k, w.v)), qkv_b=qkv_b, gate_up=torch.cat((w.gate, w.up)),
+                                   gate_up_b=gate_up_b)
+    return _Layer(
+        layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+        float(layer.input_layernorm.variance_epsilon), float(layer.post_attention_layernorm.variance_epsilon),
+        a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.q_proj.bias, a.k_proj.bias, a.v_proj.bias,
+        a.o_proj.weight, a.o_proj.bias,
+        m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, m.gate_proj.bias, m.up_proj.bias, m.down_proj.bias,
+        F.silu if hidden_act in ("silu", "swish") else m.act_fn,
+    )  # fmt: skip
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+    if x.dtype == torch.float32:  # one op instead of six; bit-identical in our checks
+        return F.rms_norm(x, weight.shape, weight, eps)
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(dtype)
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class FastLM:
-    """Owns one batch's KV cache. `prefill` then repeated `step`; `select` drops finished rows."""
+    """Owns one batch's KV cache. `prefill` then repeated `step`; `select_rows` drops finished rows."""
 
     def __init__(self, lm: nn.Module, batch: int, max_len: int) -> None:
         self.lm = lm
@@ -50,64 +121,113 @@ class FastLM:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
-        p = next(lm.parameters())
+        self.gqa = self.kv_heads != self.heads
+        layer_bytes = sum(p.numel() * p.element_size() for p in self.inner.layers.parameters())
+        fuse = layer_bytes <= FUSE_BYTES
+        self.layers = [_layer(layer, str(getattr(cfg, "hidden_act", "")), fuse) for layer in self.inner.layers]
+        self.embed = self.inner.embed_tokens.weight
+        self.norm = self.inner.norm.weight
+        self.norm_eps = float(self.inner.norm.variance_epsilon)
+        self.head = lm.lm_head.weight
+        self.head_b = lm.lm_head.bias
+        p = self.embed
         shape = (batch, self.kv_heads, max_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.inner.layers]
-        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.inner.layers]
+        self.k = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
+        self.v = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=p.device)  # key columns that are real tokens
+        self.padded = False  # no row has padding: attention needs no mask
         self.length = 0
+        rotary = self.inner.rotary_emb
+        self.rope_table = getattr(rotary, "rope_type", "default") not in _DYNAMIC_ROPE
+        if self.rope_table:
+            positions = torch.arange(max_len, device=p.device)[None]
+            cos, sin = rotary(torch.empty(0, dtype=p.dtype, device=p.device), positions)
+            self.cos, self.sin = cos[0], self._signed(sin[0])
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
-        self.valid = self.valid.index_select(0, rows)
+    @staticmethod
+    def _signed(sin: torch.Tensor) -> torch.Tensor:
+        """sin with its first half negated: rotate_half(x) * sin == flip_halves(x) * signed_sin."""
+        half = sin.shape[-1] // 2
+        return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
-    def _forward(self, hidden: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [B, T, 1, D] for positions [B, T]."""
+        if self.rope_table:
+            cos, sin = self.cos[positions], self.sin[positions]
+        else:
+            cos, sin = self.inner.rotary_emb(torch.empty(0, dtype=dtype, device=positions.device), positions)
+            sin = self._signed(sin)
+        return cos.unsqueeze(2), sin.unsqueeze(2)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin, for x [B, T, heads, D] (queries and keys together)."""
+        b, t, h, d = x.shape
+        flipped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+        return torch.addcmul(x * cos, flipped, sin)
+
+    def _forward(self, hidden: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         b, t, _ = hidden.shape
         start, end = self.length, self.length + t
-        cos, sin = self.inner.rotary_emb(hidden, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            x = _rms(hidden, layer.input_layernorm)
-            q = attn.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.k[i][:, :, start:end] = k
-            self.v[i][:, :, start:end] = v
+        cos, sin = self._rope(positions, hidden.dtype)
+        nq, nkv, d = self.heads, self.kv_heads, self.head_dim
+        for i, w in enumerate(self.layers):
+            x = _rms(hidden, w.ln1, w.eps1)
+            if w.qkv is not None:
+                qkv = F.linear(x, w.qkv, w.qkv_b).view(b, t, nq + 2 * nkv, d)
+                qk, v = self._rotate(qkv[:, :, : nq + nkv], cos, sin), qkv[:, :, nq + nkv :]
+            else:
+                q = F.linear(x, w.q, w.qb).view(b, t, nq, d)
+                k = F.linear(x, w.k, w.kb).view(b, t, nkv, d)
+                qk = self._rotate(torch.cat((q, k), dim=2), cos, sin)
+                v = F.linear(x, w.v, w.vb).view(b, t, nkv, d)
+            self.k[i][:, :, start:end] = qk[:, :, nq:].transpose(1, 2)
+            self.v[i][:, :, start:end] = v.transpose(1, 2)
             out = F.scaled_dot_product_attention(
-                q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=attn_mask, scale=self.scale,
-                enable_gqa=self.kv_heads != self.heads,
-            )
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-            x = _rms(hidden, layer.post_attention_layernorm)
-            mlp = layer.mlp
-            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+                qk[:, :, :nq].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=attn_mask,
+                is_causal=causal, scale=self.scale, enable_gqa=self.gqa,
+            )  # fmt: skip
+            hidden = hidden + F.linear(out.transpose(1, 2).reshape(b, t, nq * d), w.o, w.ob)
+            x = _rms(hidden, w.ln2, w.eps2)
+            if w.gate_up is not None:
+                gate, up = F.linear(x, w.gate_up, w.gate_up_b).chunk(2, dim=-1)
+            else:
+                gate, up = F.linear(x, w.gate, w.gate_b), F.linear(x, w.up, w.up_b)
+            hidden = hidden + F.linear(w.act(gate) * up, w.down, w.down_b)
         self.length = end
-        return _rms(hidden[:, -1:], self.inner.norm)
+        return _rms(hidden[:, -1:], self.norm, self.norm_eps)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.head, self.head_b)[:, -1].float()
 
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Left-padded prompt embeddings [B, T, H] with mask [B, T] -> last-position logits [B, V]."""
         b, t, _ = embeds.shape
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.valid[:, :t] = mask.bool()
+        self.padded = not bool(self.valid[:, :t].all())
+        self.next_pos = positions[:, -1] + 1
+        if not self.padded:
+            return self._logits(self._forward(embeds, positions, None, causal=t > 1))
         causal = torch.ones(t, t, dtype=torch.bool, device=embeds.device).tril()
         attn_mask = causal[None] & self.valid[:, None, :t]
         # Padding queries would see no key at all (NaN); let them see themselves. They are never read.
         attn_mask = attn_mask | torch.eye(t, dtype=torch.bool, device=embeds.device)[None]
-        self.next_pos = positions[:, -1] + 1
-        return self.lm.lm_head(self._forward(embeds, positions, attn_mask.unsqueeze(1)))[:, -1].float()
+        return self._logits(self._forward(embeds, positions, attn_mask.unsqueeze(1), causal=False))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row [B] -> logits [B, V]."""
-        hidden = self.inner.embed_tokens(tokens.view(-1, 1))
+        hidden = F.embedding(tokens.view(-1, 1), self.embed)
         self.valid[:, self.length] = True
-        attn_mask = self.valid[:, None, None, : self.length + 1]
+        attn_mask = self.valid[:, None, None, : self.length + 1] if self.padded else None
         positions = self.next_pos.view(-1, 1)
         self.next_pos = self.next_pos + 1
-        return self.lm.lm_head(self._forward(hidden, positions, attn_mask))[:, -1].float()
+        return self._logits(self._forward(hidden, positions, attn_mask, causal=False))
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        self.valid = self.valid.index_select(0, rows)
+        self.padded = not bool(self.valid[:, : self.length].all())
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.select(rows)

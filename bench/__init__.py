@@ -1,0 +1,1 @@
+"""`make bench`: vitune against transformers' LLaVA on the same weights (see bench/README.md)."""
