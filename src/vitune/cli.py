@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vitune.eval.commands",
     "vitune.serve.commands",
     "vitune.demo",
+    "vitune.ablations",
 )
 
 

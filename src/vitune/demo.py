@@ -16,6 +16,7 @@ starts over). `OUT/metrics.json` gathers the timings and the evaluation.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import sys
 import time
@@ -40,8 +41,14 @@ class DemoConfig:
     image_size: int = 48  # the world's default: 12 px patches give 16 image tokens
     backbone_preset: str = "tiny"
     backbone_seconds: float = 200.0
-    # instruction data: samples per kind (drawn over the training scenes)
-    mix: dict[str, int] = field(default_factory=lambda: {"conversation": 6000, "detail": 1000, "complex": 1000})
+    # instruction data: rules-teacher samples per kind (drawn over the training scenes)
+    mix: dict[str, int] = field(default_factory=lambda: {"conversation": 2000, "detail": 500, "complex": 500})
+    # LLaVA-1.5 also trains on academic VQA in the benchmarks' own formats ("Answer with a single word
+    # or phrase", "Answer with the option's letter"): here the toy tasks' questions on training
+    # scenes, all of one image's questions in one multi-turn sample.
+    vqa_scenes: int = 5000
+    mc_scenes: int = 2000
+    stage1: bool = True  # False: straight to instruction tuning from a fresh projector (an ablation)
     stage1_overrides: list[str] = field(default_factory=list)
     stage2_overrides: list[str] = field(default_factory=list)
     eval_limit: int | None = None  # held-out scenes per task (None: all eval scenes)
@@ -54,7 +61,7 @@ PRESETS: dict[str, DemoConfig] = {
     # seconds, for the test suite: every step runs, nothing is expected to be learned well
     "quick": DemoConfig(
         out="runs/demo-quick", scenes=120, eval_scenes=12, backbone_preset="quick", backbone_seconds=8.0,
-        mix={"conversation": 60, "detail": 20, "complex": 20},
+        mix={"conversation": 60, "detail": 20, "complex": 20}, vqa_scenes=60, mc_scenes=30,
         stage1_overrides=["train.epochs=1"], stage2_overrides=["train.epochs=1"], eval_limit=6, eval_batch_size=8,
     ),
 }
@@ -96,9 +103,16 @@ class Demo:
         atomic_write_json(self.data / "stage1.json", stage1, indent=None)
         teacher = get_teacher("rules", TeacherOptions(seed=self.c.seed, progress=True))
         jobs = plan_jobs(scenes, list(self.c.mix), self.c.mix, self.c.seed)
-        records, summary = generate_dataset(teacher, jobs, self.data / "instruct.json", self.data / "instruct.quarantine.jsonl")
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary.per_kind.items()))
-        return {"stage1": len(stage1), "stage2": len(records), "line": f"stage 1: {len(stage1)} caption samples; stage 2: {len(records)} ({kinds})"}
+        records, summary = generate_dataset(teacher, jobs, self.data / "teacher.json", self.data / "teacher.quarantine.jsonl")
+        kinds = dict(summary.per_kind)
+        vqa = benchmark_format_samples(self.world, "toy-vqa", self.c.vqa_scenes, self.c.seed)
+        mc = benchmark_format_samples(self.world, "toy-scienceqa", self.c.mc_scenes, self.c.seed)
+        kinds.update({"vqa": len(vqa), "multiple-choice": len(mc)})
+        mixed = records + vqa + mc
+        random.Random(self.c.seed).shuffle(mixed)
+        atomic_write_json(self.data / "instruct.json", mixed, indent=None)
+        listing = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+        return {"stage1": len(stage1), "stage2": len(mixed), "line": f"stage 1: {len(stage1)} caption samples; stage 2: {len(mixed)} ({listing})"}
 
     def step_build(self) -> dict[str, Any]:
         from vitune.model.build import build_llava
@@ -116,7 +130,7 @@ class Demo:
         if stage == "stage1":
             paths.append(f"data.path=[{self.data / 'stage1.json'}]")
         else:
-            paths += [f"data.path=[{self.data / 'instruct.json'}]", f"model.projector={self.out / 'stage1'}"]
+            paths += [f"data.path=[{self.data / 'instruct.json'}]", f"model.projector={self.out / 'stage1' if self.c.stage1 else 'null'}"]
         config = load_config(preset, [*paths, *overrides])
         run_dir = run_training(config)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -125,6 +139,8 @@ class Demo:
         return {"steps": len(metrics), "first_loss": first, "last_loss": last, "line": f"loss {first:.3f} -> {last:.3f} over {len(losses)} logged steps"}
 
     def step_stage1(self) -> dict[str, Any]:
+        if not self.c.stage1:
+            return {"line": "skipped (stage 2 starts from the freshly initialised projector)"}
         return self._train("world-stage1", "stage1", self.c.stage1_overrides)
 
     def step_stage2(self) -> dict[str, Any]:
@@ -164,7 +180,7 @@ class Demo:
         return {"image": str(image), "question": self.c.chat_question, "answer": "".join(pieces).strip(), "line": "answered"}
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, fresh: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+    def run(self, fresh: bool = False, only: list[str] | None = None, stop_after: str | None = None) -> dict[str, Any]:
         if fresh and self.out.exists():
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +204,8 @@ class Demo:
                 (self.out / "steps" / f"{later}.json").unlink(missing_ok=True)
             results[name] = result
             print(f"[{i}/{len(STEPS)}] {name}: {result['seconds']:.0f}s  {result['line']}", flush=True)
+            if name == stop_after:
+                return {}
         metrics = {
             "total_seconds": round(sum(r["seconds"] for r in results.values()), 2),
             "wall_seconds": round(time.perf_counter() - started, 2),
@@ -199,16 +217,32 @@ class Demo:
         return metrics
 
 
+def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int) -> list[dict]:
+    """LLaVA records of a toy task's questions on training scenes, one multi-turn sample per image."""
+    from vitune.eval.toy import task_items
+    from vitune.templates import IMAGE_MARKER
+
+    by_image: dict[str, list[dict]] = {}
+    for item in task_items(task, world, split="train", limit=scenes, seed=seed):
+        image = str(item.images[0].relative_to(world))
+        turns = by_image.setdefault(image, [])
+        question = item.prompt if not turns else item.prompt.replace(IMAGE_MARKER + "\n", "", 1)
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": str(item.fields["answer"])}]
+    return [{"id": f"{task}-{Path(image).stem}", "image": image, "conversations": turns, "kind": task}
+            for image, turns in by_image.items()]
+
+
 def _backbone_line(report: dict[str, Any]) -> str:
+    clip, lm = report.get("clip", {}), report.get("lm", {})
     parts = []
-    clip = report.get("clip", {})
-    for key, label in (("retrieval_top1", "retrieval"),):
-        if key in clip:
-            parts.append(f"{label} {clip[key]:.2f}")
+    if isinstance(clip.get("retrieval_top1"), (int, float)):
+        parts.append(f"retrieval top-1 {clip['retrieval_top1']:.2f}")
     for name, value in sorted(clip.get("probes", {}).items()):
-        parts.append(f"{name} probe {value:.2f}" if isinstance(value, float) else f"{name} probe {value}")
-    if "perplexity" in report.get("lm", {}):
-        parts.append(f"LM perplexity {report['lm']['perplexity']:.2f}")
+        acc = value.get("accuracy") if isinstance(value, dict) else value
+        if isinstance(acc, (int, float)):
+            parts.append(f"{name} probe {acc:.2f}")
+    if isinstance(lm.get("val_perplexity"), (int, float)):
+        parts.append(f"LM held-out perplexity {lm['val_perplexity']:.2f}")
     return ", ".join(parts) or "done"
 
 
