@@ -107,7 +107,9 @@ def cmd_captions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_config(args: argparse.Namespace):  # -> EngineConfig
+def engine_config(args: argparse.Namespace, cache_dir: Path | None = None, offline: bool = False):  # -> EngineConfig
+    """The engine's settings from the shared API flags (datagen, and eval's judge and references).
+    Prices are USD per 1M tokens on the command line, per 1K in the engine."""
     from vitune.datagen.engine import EngineConfig
 
     if (args.price_input is None) != (args.price_output is None):
@@ -123,11 +125,11 @@ def _engine_config(args: argparse.Namespace):  # -> EngineConfig
         tpm=args.tpm,
         max_retries=args.max_retries,
         timeout_s=args.timeout,
-        cache_dir=args.cache_dir,
+        cache_dir=cache_dir if cache_dir is not None else args.cache_dir,
         price_per_1k_input=None if args.price_input is None else args.price_input / 1000,
         price_per_1k_output=None if args.price_output is None else args.price_output / 1000,
         max_cost=args.max_cost,
-        offline=args.batch_ingest is not None,
+        offline=offline,
     )
 
 
@@ -151,7 +153,7 @@ def cmd_instruct(args: argparse.Namespace) -> int:
     options = TeacherOptions(
         seed=args.seed,
         prompt_version=args.prompt_version,
-        engine=_engine_config(args),
+        engine=engine_config(args, offline=args.batch_ingest is not None),
         temperature=args.temperature,
         max_tokens=args.max_tokens,
         attributes=not args.no_attributes,

@@ -53,30 +53,18 @@ def add_engine_args(parser: argparse.ArgumentParser, what: str = "judge") -> Non
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--cache-dir", type=Path, default=None, help="response cache (default: .chat-cache beside --out)")
     g.add_argument("--max-cost", type=float, default=None, help="stop before spending more (USD; needs prices)")
-    g.add_argument("--price-input", type=float, default=None, help="USD per 1K prompt tokens")
-    g.add_argument("--price-output", type=float, default=None, help="USD per 1K completion tokens")
+    g.add_argument("--price-input", type=float, default=None, help="USD per 1M prompt tokens")
+    g.add_argument("--price-output", type=float, default=None, help="USD per 1M completion tokens")
     g.add_argument("--judge-temperature", type=float, default=0.2, help=f"{what} sampling temperature (default 0.2)")
     g.add_argument("--judge-max-tokens", type=int, default=1024, help=f"{what} reply length limit (default 1024)")
 
 
 def engine_config(args: argparse.Namespace) -> Any:
-    from vitune.datagen.engine import EngineConfig
+    """The judge's engine settings; the cache defaults to `.chat-cache` beside --out."""
+    from vitune.datagen.commands import engine_config as shared
 
     cache = args.cache_dir if args.cache_dir is not None else Path(args.out).parent / ".chat-cache"
-    return EngineConfig(
-        base_url=args.base_url,
-        model=args.model,
-        api_key_env=args.api_key_env,
-        concurrency=args.concurrency,
-        rpm=args.rpm,
-        tpm=args.tpm,
-        max_retries=args.max_retries,
-        timeout_s=args.timeout,
-        cache_dir=cache,
-        price_per_1k_input=args.price_input,
-        price_per_1k_output=args.price_output,
-        max_cost=args.max_cost,
-    )
+    return shared(args, cache_dir=cache)
 
 
 def _answers_arg(p: argparse.ArgumentParser) -> None:
