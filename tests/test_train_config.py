@@ -78,7 +78,10 @@ def test_preset_by_path_and_unknown_name(tmp_path: Path) -> None:
     child = tmp_path / "mine.yaml"
     child.write_text("inherit: world-stage2\ntrain: {max_steps: 7}\n")
     cfg = load_config(child, ["train.seed=3"])
-    assert cfg.train.max_steps == 7 and cfg.train.seed == 3 and cfg.stage.parts.llm == 1e-3
+    parent = load_config("world-stage2")
+    assert cfg.train.max_steps == 7 and cfg.train.seed == 3 and parent.train.max_steps != 7
+    assert cfg.stage.parts == parent.stage.parts  # inherited, not defaulted
+    assert cfg.stage.parts.llm != load_config(None).stage.parts.llm
     with pytest.raises(VituneError, match="unknown preset 'nope'.*world-stage1"):
         load_config("nope")
 
