@@ -42,7 +42,7 @@ class DemoConfig:
     backbone_preset: str = "tiny"
     backbone_seconds: float = 200.0
     # instruction data: rules-teacher samples per kind (drawn over the training scenes)
-    mix: dict[str, int] = field(default_factory=lambda: {"conversation": 2000, "detail": 500, "complex": 500})
+    mix: dict[str, int] = field(default_factory=lambda: {"conversation": 1000, "detail": 250, "complex": 250})
     # LLaVA-1.5 also trains on academic VQA in the benchmarks' own formats ("Answer with a single word
     # or phrase", "Answer with the option's letter"): here the toy tasks' questions on training
     # scenes, all of one image's questions in one multi-turn sample.
