@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vitune.errors import VituneError
+
 
 def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -76,3 +78,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """A JSON file's content; a missing or malformed file is a VituneError naming it (and the line)."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as err:
+        raise VituneError(f"{what} not found: {path}") from err
+    except json.JSONDecodeError as err:
+        raise VituneError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err

@@ -12,13 +12,12 @@ so a language-only teacher knows them; COCO objects have none, so their lines ar
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from vitune.errors import VituneError
+from vitune.io import atomic_write_json, atomic_write_text, read_json
 from vitune.world.scene import Scene
 
 
@@ -37,14 +36,7 @@ def context_text(scene: Scene, attributes: bool = True) -> str:
 
 
 def load_json(path: str | Path, what: str) -> Any:
-    path = Path(path)
-    try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError as err:
-        raise VituneError(f"{what} file not found: {path}") from err
-    except json.JSONDecodeError as err:
-        raise VituneError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+    return read_json(path, f"{what} file")
 
 
 def _require(obj: Any, key: str, where: str) -> Any:
@@ -118,30 +110,10 @@ def coco_to_annotations(captions: dict, instances: dict | None = None, image_pre
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
     """Write records one a line via a temp file + rename; returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return n
+    lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in records]
+    atomic_write_text(path, "".join(lines))
+    return len(lines)
 
 
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=indent)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, obj, indent=indent)

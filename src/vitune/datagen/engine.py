@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vitune.errors import VituneError
+from vitune.io import atomic_write_json
 
 CACHE_FORMAT = 1
 
@@ -135,20 +135,7 @@ def cache_key(request: ChatRequest, config: EngineConfig) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_json(path, obj, indent=None)
 
 
 class ResponseCache:

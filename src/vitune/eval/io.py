@@ -13,18 +13,7 @@ from pathlib import Path
 from typing import IO, Any, Self
 
 from vitune.errors import VituneError
-from vitune.io import atomic_write_json, atomic_write_text
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError as err:
-        raise VituneError(f"{path}: file not found") from err
-    except json.JSONDecodeError as err:
-        raise VituneError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+from vitune.io import atomic_write_json, atomic_write_text, read_json
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from vitune.errors import VituneError
+from vitune.io import atomic_dir, atomic_write_json
 from vitune.world.scene import COLORS, SHAPES, SIZES, Scene, position_phrase, read_scenes
 
 # CLIP's own normalisation, so the saved image processor is the stock one.
@@ -160,22 +160,12 @@ def _log(message: str) -> None:
 
 def _save_dir(target: Path, save: Callable[[Path], None]) -> None:
     """Write a directory next to `target`, then swap it in, so a killed run never leaves half a model."""
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    with atomic_dir(target) as tmp:
+        save(tmp)
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def load_split(world: Path, split: str) -> list[Scene]:
