@@ -32,6 +32,7 @@ from torch import nn
 
 from vitune.errors import VituneError
 from vitune.io import atomic_dir, atomic_write_json
+from vitune.model.build import assemble, clean_config
 from vitune.model.config import LlavaConfig
 from vitune.model.llava import LlavaModel, load_into, load_state_dict, save_state_dict
 from vitune.model.vision import count_tokens, vision_tower_from_config
@@ -45,7 +46,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 HF_PROJECTOR = "mlp2x_gelu"
 # Vision families whose hub-layout keys carry the inner `vision_model.` module (CLIP, SigLIP).
 HF_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
-_CONFIG_NOISE = ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -181,13 +181,6 @@ def resolve_dtype(name: str, state: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 # -- shared assembly for imports --------------------------------------------------------------
-def clean_config(config: Any) -> dict[str, Any]:
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    for key in _CONFIG_NOISE:
-        data.pop(key, None)
-    return data
-
-
 def grow_vocab(language_model: nn.Module, size: int) -> None:
     """Resize the LLM's embeddings to `size`; new rows are the mean of the old ones, so a new
     token's logit is the mean logit (never the argmax) and the result is deterministic."""
@@ -212,42 +205,6 @@ def prepare_tokenizer_for(language_model: nn.Module, tokenizer: Any, template: s
     tokenizer = prepare_tokenizer(tokenizer, template)
     grow_vocab(language_model, len(tokenizer))
     return tokenizer
-
-
-def assemble(
-    tower: nn.Module,
-    language_model: nn.Module,
-    tokenizer: Any,
-    image_processor: Any,
-    projector: str,
-    vision_feature_layer: int | list[int],
-    vision_feature_select: str,
-    image_aspect_ratio: str,
-    template: str,
-) -> tuple[LlavaModel, LlavaProcessor]:
-    """A LlavaModel around existing tower and LLM modules (the projector is created here and
-    loaded by the caller), with its config measured from the modules themselves."""
-    from vitune.model.vision import vision_config_dict
-
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
-    if not isinstance(image_token_id, int) or IMAGE_MARKER not in tokenizer.get_vocab():
-        raise VituneError(f"the tokenizer has no {IMAGE_MARKER} token")
-    config = LlavaConfig(
-        vision_config=vision_config_dict(tower),
-        text_config=clean_config(language_model.config),
-        projector=projector,
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select=vision_feature_select,
-        image_token_id=image_token_id,
-        template=template,
-        image_aspect_ratio=image_aspect_ratio,
-    )
-    processor = LlavaProcessor(tokenizer, image_processor, config)
-    seq, has_cls = count_tokens(tower, processor.image_size)
-    config.vision_has_cls = has_cls
-    config.num_image_tokens = seq - 1 if (has_cls and vision_feature_select == "patch") else seq
-    model = LlavaModel(config, vision_tower=tower, language_model=language_model)
-    return model.eval(), processor
 
 
 def _causal_lm(text_config: dict[str, Any]) -> nn.Module:

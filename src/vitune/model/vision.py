@@ -58,13 +58,6 @@ def vision_tower_from_config(config_dict: dict[str, Any]) -> nn.Module:
     return AutoModel.from_config(AutoConfig.for_model(model_type, **config_dict))
 
 
-def vision_config_dict(tower: nn.Module) -> dict[str, Any]:
-    d = tower.config.to_dict()
-    for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
-        d.pop(key, None)
-    return d
-
-
 class VisionEncoder(nn.Module):
     """The tower plus LLaVA's feature selection: pixels [N, 3, H, W] -> features [N, T, D * layers]."""
 
