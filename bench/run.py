@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.cases import CASES
 from bench.presets import PRESET_NAMES
+from vitune.threads import busy_cores
 
 # The targets: (case, preset) -> minimum ratio.
 TARGETS: dict[tuple[str, str], float] = {
@@ -47,10 +48,10 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
     cores = os.cpu_count() or 1
     if requested is not None:
         return requested, "--threads"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if cores > 1 and load > 0.5 * cores:
-        return 1, f"auto: load average {load:.1f} on {cores} cores"
-    return cores, f"auto: idle machine ({load:.1f} load on {cores} cores)"
+    busy = busy_cores()
+    if cores > 1 and busy > 0.5 * cores:
+        return 1, f"auto: busy machine ({busy:.1f} of {cores} cores in use)"
+    return cores, f"auto: idle machine ({busy:.1f} of {cores} cores in use)"
 
 
 def format_table(cases: list[dict[str, Any]]) -> str:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     threads, reason = choose_threads(args.threads)
     clock = args.clock
     if clock == "auto":
-        clock = "cpu" if threads == 1 and reason.startswith("auto: load") else "wall"
+        clock = "cpu" if threads == 1 and reason.startswith("auto: busy") else "wall"
     if clock == "cpu" and threads != 1:
         raise SystemExit("bench: --clock cpu needs --threads 1 (CPU time of several threads is not elapsed time)")
     torch.set_num_threads(threads)

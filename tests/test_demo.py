@@ -42,3 +42,33 @@ def test_quick_demo_runs_every_step_and_reuses_them(tmp_path: Path, capsys) -> N
     Demo(config).run(only=["eval"])
     printed = capsys.readouterr().out
     assert "world: reused" in printed and "stage2: reused" in printed and "eval: reused" not in printed
+    # a redone eval answers afresh: answers left by an earlier stage-2 model are not reused
+    answers = out / "eval" / "toy-vqa.answers.jsonl"
+    stale = [json.loads(x) for x in answers.read_text().splitlines()]
+    stale[0]["text"] = "stale answer"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in stale))
+    Demo(config).run(only=["eval"])
+    capsys.readouterr()
+    assert "stale answer" not in answers.read_text()
+
+
+def test_benchmark_format_samples_mix_the_question_order(tmp_path: Path) -> None:
+    """One multi-turn sample per image with its questions in a random order: in the task's own
+    (type) order every first turn would be a colour question, and a model learns turn numbers."""
+    from vitune.demo import benchmark_format_samples
+    from vitune.eval.toy import task_items
+    from vitune.world.render import render_world
+
+    render_world(tmp_path / "w", scenes=60, eval_scenes=8, seed=1, size=48)
+    records = benchmark_format_samples(tmp_path / "w", "toy-vqa", 60, seed=0)
+    types = {item.prompt.removeprefix("<image>\n"): item.fields["type"]
+             for item in task_items("toy-vqa", tmp_path / "w", split="train", limit=60, seed=0)}
+    assert len(records) == 60
+    for r in records:
+        turns = r["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n")
+        assert not any("<image>" in t["value"] for t in turns[1:])
+        assert all(t["value"].removeprefix("<image>\n") in types for t in turns[::2])  # the task's own questions
+    first_types = {types[r["conversations"][0]["value"].removeprefix("<image>\n")] for r in records}
+    assert len(first_types) >= 4, first_types

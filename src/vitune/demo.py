@@ -151,6 +151,8 @@ class Demo:
         from vitune.inference import Pipeline
 
         pipe = Pipeline.from_pretrained(self.out / "stage2" / "model")
+        # Answer files resume by question id: answers of an earlier stage-2 model must not count.
+        shutil.rmtree(self.eval_dir, ignore_errors=True)
         results = {}
         for task in EVAL_TASKS:
             r = run_toy_task(task, self.world, pipe, self.eval_dir, limit=self.c.eval_limit, seed=self.c.seed, batch_size=self.c.eval_batch_size)
@@ -222,14 +224,21 @@ def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int) -> 
     from vitune.eval.toy import task_items
     from vitune.templates import IMAGE_MARKER
 
-    by_image: dict[str, list[dict]] = {}
+    by_image: dict[str, list[tuple[str, str]]] = {}
     for item in task_items(task, world, split="train", limit=scenes, seed=seed):
-        image = str(item.images[0].relative_to(world))
-        turns = by_image.setdefault(image, [])
-        question = item.prompt if not turns else item.prompt.replace(IMAGE_MARKER + "\n", "", 1)
-        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": str(item.fields["answer"])}]
-    return [{"id": f"{task}-{Path(image).stem}", "image": image, "conversations": turns, "kind": task}
-            for image, turns in by_image.items()]
+        question = item.prompt.replace(IMAGE_MARKER + "\n", "", 1)
+        by_image.setdefault(str(item.images[0].relative_to(world)), []).append((question, str(item.fields["answer"])))
+    rng = random.Random(f"{task}:{seed}")
+    records = []
+    for image, pairs in by_image.items():
+        # The task lists one image's questions in type order; kept in that order, the model learns
+        # to answer by turn number (every first turn a colour) instead of reading the question.
+        rng.shuffle(pairs)
+        turns = []
+        for k, (question, answer) in enumerate(pairs):
+            turns += [{"from": "human", "value": f"{IMAGE_MARKER}\n{question}" if k == 0 else question}, {"from": "gpt", "value": answer}]
+        records.append({"id": f"{task}-{Path(image).stem}", "image": image, "conversations": turns, "kind": task})
+    return records
 
 
 def _backbone_line(report: dict[str, Any]) -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from typing import Any
 
 from vitune.errors import VituneError
 from vitune.io import atomic_dir, atomic_write_json
+from vitune.threads import pick_threads
 from vitune.world.scene import COLORS, SHAPES, SIZES, Scene, position_phrase, read_scenes
 
 # CLIP's own normalisation, so the saved image processor is the stock one.
@@ -133,23 +133,6 @@ def lr_at(progress: float, peak: float, warmup: float = 0.05, floor: float = 0.0
         return peak * max(progress, 1e-3) / warmup
     t = min(1.0, (progress - warmup) / (1 - warmup))
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def pick_threads() -> int:
-    """Torch threads for this run: the cores not already busy (1-minute load average).
-
-    On a shared machine, two spinning OpenMP threads on a core another process is using run
-    several times slower than one thread (measured here: 4.7 s against 0.7 s per CLIP step), so
-    a busy machine gets fewer threads. OMP_NUM_THREADS, when set, wins."""
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    cores = os.cpu_count() or 1
-    free = cores - os.getloadavg()[0]
-    threads = max(1, min(cores, int(free + 0.5)))
-    torch.set_num_threads(threads)
-    return threads
 
 
 def _log(message: str) -> None:
@@ -566,6 +549,7 @@ def make_backbones(world: Path, out: Path, preset: str = "tiny", seconds: float 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     threads = pick_threads()
+    torch.set_flush_denormal(True)  # CPU arithmetic on subnormal floats is slow (see the trainer)
 
     # 1. tokenizer
     lm_train_docs = list(corpus(train[: p.lm_scenes], seed))
