@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.cases import CASES
 from bench.presets import PRESET_NAMES
-from vitune.threads import busy_cores
+from vitune.cpu import busy_cores
 
 # The targets: (case, preset) -> minimum ratio.
 TARGETS: dict[tuple[str, str], float] = {

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vitune.cpu import flushing_subnormals
 from vitune.data.tiny import make_tiny_dataset
 from vitune.errors import VituneError
 from vitune.train.config import load_config
@@ -180,7 +181,9 @@ def test_resume_reproduces_the_uninterrupted_losses(tiny_model_dir: Path, data_d
     full = run_training(load_config(None, [*common, f"train.output_dir={tmp_path / 'full'}"]))
     part_dir = tmp_path / "part"
     cfg = load_config(None, [*common, f"train.output_dir={part_dir}"])
-    stopped = run_training(cfg, on_step=lambda m: m["step"] == 3)
+    flushing: list[bool] = []
+    stopped = run_training(cfg, on_step=lambda m: flushing.append(flushing_subnormals()) or m["step"] == 3)
+    assert flushing == [True] * 3 and not flushing_subnormals()  # subnormals flushed only while training
     assert not (stopped / "model").exists()
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     with pytest.raises(VituneError, match="--resume"):

@@ -164,8 +164,20 @@ def run_training(
     `resume`: True/"latest" continues from the last checkpoint of `train.output_dir`, a path from
     that checkpoint. `on_step(metrics)` is called after every optimizer step on every process;
     returning True stops the run cleanly after a checkpoint (as SIGTERM/SIGINT do), without the
-    final export, so `resume` can continue it.
+    final export, so `resume` can continue it. Subnormal floats are flushed while it runs
+    (`vitune.cpu.flush_subnormals`).
     """
+    from vitune.cpu import flush_subnormals
+
+    with flush_subnormals():
+        return _run_training(config, resume, on_step)
+
+
+def _run_training(
+    config: Config,
+    resume: bool | str,
+    on_step: Callable[[dict[str, Any]], bool | None] | None,
+) -> Path:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list, set_seed
 
@@ -204,11 +216,6 @@ def run_training(
                               log_with=list(tc.report_to) or None, project_dir=str(run_dir))
     main = accelerator.is_main_process
     say = accelerator.print
-    if not on_gpu:
-        # Adam's first moment of rarely seen embedding rows decays geometrically into subnormal
-        # floats after a few hundred steps, and x86 arithmetic on subnormals is many times slower:
-        # measured here, a CPU run fell from 5 to 1.4 steps/s between steps 800 and 1400.
-        torch.set_flush_denormal(True)
     checkpoint = find_checkpoint(run_dir, resume)
     if main:
         _prepare_run_dir(run_dir, fresh=checkpoint is None, overwrite=tc.overwrite)

@@ -43,7 +43,7 @@ from typing import Any
 
 from vitune.errors import VituneError
 from vitune.io import atomic_dir, atomic_write_json
-from vitune.threads import pick_threads
+from vitune.cpu import flush_subnormals, pick_threads
 from vitune.world.scene import COLORS, SHAPES, SIZES, Scene, position_phrase, read_scenes
 
 # CLIP's own normalisation, so the saved image processor is the stock one.
@@ -529,6 +529,11 @@ def perplexity(model, blocks, batch: int = 32) -> float:
 
 def make_backbones(world: Path, out: Path, preset: str = "tiny", seconds: float | None = None, seed: int = 0) -> dict:
     """Train the tokenizer, B/clip and B/lm on the world at `world`; returns (and writes) the report."""
+    with flush_subnormals():  # subnormal arithmetic is slow on x86 (see vitune.cpu)
+        return _make_backbones(Path(world), Path(out), preset, seconds, seed)
+
+
+def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, seed: int) -> dict:
     import torch
 
     from vitune.world.corpus import corpus, template_texts
@@ -549,7 +554,6 @@ def make_backbones(world: Path, out: Path, preset: str = "tiny", seconds: float 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     threads = pick_threads()
-    torch.set_flush_denormal(True)  # CPU arithmetic on subnormal floats is slow (see the trainer)
 
     # 1. tokenizer
     lm_train_docs = list(corpus(train[: p.lm_scenes], seed))
