@@ -40,14 +40,14 @@ class DemoConfig:
     eval_scenes: int = 300
     image_size: int = 48  # the world's default: 12 px patches give 16 image tokens
     backbone_preset: str = "tiny"
-    backbone_seconds: float = 170.0
+    backbone_seconds: float = 140.0
     # instruction data: rules-teacher samples per kind (drawn over the training scenes)
     mix: dict[str, int] = field(default_factory=lambda: {"conversation": 1000, "detail": 250, "complex": 250})
     # LLaVA-1.5 also trains on academic VQA in the benchmarks' own formats ("Answer with a single word
     # or phrase", "Answer with the option's letter"): here the toy tasks' questions on training
     # scenes, all of one image's questions in one multi-turn sample.
-    vqa_scenes: int = 5000
-    mc_scenes: int = 1500
+    vqa_scenes: int = 6000
+    mc_scenes: int = 500
     stage1: bool = True  # False: straight to instruction tuning from a fresh projector (an ablation)
     stage1_overrides: list[str] = field(default_factory=list)
     stage2_overrides: list[str] = field(default_factory=list)
@@ -126,7 +126,9 @@ class Demo:
     def _train(self, preset: str, stage: str, overrides: list[str]) -> dict[str, Any]:
         from vitune.train import load_config, run_training
 
-        paths = [f"model.path={self.model}", f"data.image_folder={self.world}", f"train.output_dir={self.out / stage}", f"train.seed={self.c.seed}"]
+        # overwrite: a step that runs again (--redo, or after a crash) starts its stage over
+        paths = [f"model.path={self.model}", f"data.image_folder={self.world}", f"train.output_dir={self.out / stage}",
+                 f"train.seed={self.c.seed}", "train.overwrite=true"]
         if stage == "stage1":
             paths.append(f"data.path=[{self.data / 'stage1.json'}]")
         else:
