@@ -191,7 +191,7 @@ class Decoder:
                 if r.finish is None and cancelled is not None and cancelled(i):
                     r.finish = "cancelled"
                     # A streamed row has had its text; an unstreamed one gets what it has so far.
-                    rest = "" if stream or r.stops else self._final_text(r, r.out)
+                    rest = "" if stream or r.stops else self._final_text(r.out)
                     event = StepEvent(i, rest, "cancelled", list(r.out))
                 if event is not None:
                     yield event
@@ -206,7 +206,7 @@ class Decoder:
                 live = [live[b] for b in keep]
             logits = runner.step(tokens)
 
-    def _final_text(self, r: _Row, ids: list[int]) -> str:
+    def _final_text(self, ids: list[int]) -> str:
         return self.decode(ids).lstrip()
 
     def _detokenize(self, r: _Row) -> None:
@@ -232,7 +232,7 @@ class Decoder:
         if r.finish is None and not stream and not r.stops:
             return None  # no one reads this row's text before it finishes
         if r.finish is not None:
-            text = self._final_text(r, r.out[:-1] if r.finish == "stop" else r.out)
+            text = self._final_text(r.out[:-1] if r.finish == "stop" else r.out)
         else:
             self._detokenize(r)
             text = r.raw.lstrip()

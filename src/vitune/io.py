@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    """Records one JSON object a line, written whole (temp + rename); returns how many."""
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    atomic_write_text(path, "".join(lines))
+    return len(lines)
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:

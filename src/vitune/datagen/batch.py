@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitune.datagen.context import write_jsonl_atomic
+from vitune.io import atomic_write_jsonl
 from vitune.datagen.engine import ChatRequest, EngineConfig, ResponseCache, cache_key, price
 from vitune.errors import VituneError
 
@@ -48,7 +48,7 @@ def write_batch_input(requests: Sequence[ChatRequest], config: EngineConfig, pat
             continue
         seen.add(digest)
         lines.append(batch_line(req, config))
-    return write_jsonl_atomic(path, lines)
+    return atomic_write_jsonl(path, lines)
 
 
 @dataclass

@@ -77,12 +77,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_context(args: argparse.Namespace) -> int:
-    from vitune.datagen.context import coco_to_annotations, load_json, write_jsonl_atomic
+    from vitune.datagen.context import coco_to_annotations, load_json
+    from vitune.io import atomic_write_jsonl
 
     captions = load_json(args.coco_captions, "COCO captions")
     instances = load_json(args.coco_instances, "COCO instances") if args.coco_instances else None
     records = coco_to_annotations(captions, instances, args.image_prefix, str(args.coco_captions), str(args.coco_instances))
-    n = write_jsonl_atomic(args.out, records)
+    n = atomic_write_jsonl(args.out, records)
     boxes = sum(len(r["instances"]) for r in records)
     print(f"wrote {n} images ({boxes} objects) to {args.out}")
     return 0
@@ -190,9 +191,9 @@ def cmd_instruct(args: argparse.Namespace) -> int:
     print(summary.text())
     print(f"wrote {summary.written} samples to {args.out}" + (f"; quarantine: {quarantine}" if sum(summary.quarantined.values()) else ""))
     if args.summary:
-        from vitune.datagen.context import write_json_atomic
+        from vitune.io import atomic_write_json
 
-        write_json_atomic(args.summary, summary.to_json(), indent=1)
+        atomic_write_json(args.summary, summary.to_json(), indent=1)
     if summary.engine.get("skipped_budget"):
         print(f"stopped at the budget (--max-cost {args.max_cost}); rerun with a higher one to finish "
               "(answers so far are cached)", file=sys.stderr)

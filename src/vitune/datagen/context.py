@@ -11,13 +11,11 @@ so a language-only teacher knows them; COCO objects have none, so their lines ar
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from vitune.errors import VituneError
-from vitune.io import atomic_write_json, atomic_write_text, read_json
+from vitune.io import read_json
 from vitune.world.scene import Scene
 
 
@@ -106,14 +104,3 @@ def coco_to_annotations(captions: dict, instances: dict | None = None, image_pre
             "instances": boxes.get(image_id, []),
         })
     return records
-
-
-def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
-    """Write records one a line via a temp file + rename; returns the count."""
-    lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in records]
-    atomic_write_text(path, "".join(lines))
-    return len(lines)
-
-
-def write_json_atomic(path: str | Path, obj: Any, indent: int | None = None) -> None:
-    atomic_write_json(path, obj, indent=indent)

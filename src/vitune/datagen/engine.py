@@ -134,10 +134,6 @@ def cache_key(request: ChatRequest, config: EngineConfig) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    atomic_write_json(path, obj, indent=None)
-
-
 class ResponseCache:
     """One JSON file per answer under `root/ab/abcdef....json`; absent root = no cache."""
 
@@ -163,7 +159,7 @@ class ResponseCache:
 
     def put(self, digest: str, entry: dict) -> None:
         if self.root is not None:
-            write_json_atomic(self._path(digest), entry)
+            atomic_write_json(self._path(digest), entry, indent=None)
 
 
 # -- estimates and prices ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from vitune.datagen.context import write_json_atomic, write_jsonl_atomic
+from vitune.io import atomic_write_json, atomic_write_jsonl
 from vitune.datagen.parse import Quarantine
 from vitune.datagen.teachers import KINDS, Generated, Job, Teacher
 from vitune.errors import VituneError
@@ -172,9 +172,9 @@ def generate_dataset(
 
 def write_samples(path: Path, records: list[dict]) -> None:
     if path.suffix == ".jsonl":
-        write_jsonl_atomic(path, records)
+        atomic_write_jsonl(path, records)
     else:
-        write_json_atomic(path, records, indent=1)
+        atomic_write_json(path, records, indent=1)
 
 
 def read_samples(path: Path) -> list[dict]:

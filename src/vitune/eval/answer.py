@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vitune.errors import VituneError
-from vitune.eval.io import JsonlLog, read_jsonl, write_jsonl
+from vitune.eval.io import JsonlLog, read_jsonl
+from vitune.io import atomic_write_jsonl
 
 IMAGE_MARKER = "<image>"
 RESERVED_FIELDS = frozenset({"question_id", "prompt", "text", "model_id", "error"})
@@ -167,7 +168,7 @@ def _restore_order(path: Path, ids: list[str]) -> None:
     records = read_jsonl(path)
     keys = [position.get(str(r.get("question_id")), len(ids)) for r in records]
     if keys != sorted(keys):
-        write_jsonl(path, [r for _, r in sorted(zip(keys, records, strict=True), key=lambda kr: kr[0])])
+        atomic_write_jsonl(path, [r for _, r in sorted(zip(keys, records, strict=True), key=lambda kr: kr[0])])
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Callable[..., None]:
@@ -214,7 +215,7 @@ def merge_answers(inputs: Sequence[str | Path], out: str | Path) -> tuple[int, i
                 continue
             seen.add(key)
             merged.append(record)
-    write_jsonl(out, merged)
+    atomic_write_jsonl(out, merged)
     return len(merged), duplicates
 
 

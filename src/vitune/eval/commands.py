@@ -183,10 +183,10 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _write_result(result: dict, out: Path, table: str) -> None:
-    from vitune.eval.io import write_json
+    from vitune.io import atomic_write_json
 
     print(table)
-    write_json(out, result)
+    atomic_write_json(out, result)
     print(f"wrote {out}")
 
 
@@ -216,10 +216,10 @@ def _judge_bench(args: argparse.Namespace) -> int:
 
 
 def _write_reviews(reviews: list[dict], out: Path) -> int:
-    from vitune.eval.io import write_jsonl
+    from vitune.io import atomic_write_jsonl
     from vitune.eval.llava_bench import format_table, score_reviews
 
-    write_jsonl(out, reviews)
+    atomic_write_jsonl(out, reviews)
     errors = [r for r in reviews if r.get("error")]
     unparsed = sum(1 for r in reviews if r["score"] is None and not r.get("error"))
     print(f"{out}: {len(reviews)} reviews, {unparsed} unparsed, {len(errors)} failed")
@@ -242,14 +242,14 @@ def _judge_toy(args: argparse.Namespace) -> int:
 
 
 def _reference(args: argparse.Namespace) -> int:
-    from vitune.eval.io import write_jsonl
+    from vitune.io import atomic_write_jsonl
     from vitune.eval.llava_bench import load_contexts, load_questions, make_references
 
     records, errors = make_references(
         load_questions(args.questions), load_contexts(args.contexts), engine_config(args),
         temperature=args.judge_temperature, max_tokens=args.judge_max_tokens,
     )  # fmt: skip
-    write_jsonl(args.out, records)
+    atomic_write_jsonl(args.out, records)
     print(f"{args.out}: {len(records)} reference answers, {len(errors)} failed")
     if errors:
         print(f"  e.g. {errors[0]}; rerun to retry (cached answers are not paid twice)", file=sys.stderr)
@@ -260,7 +260,7 @@ def _reference(args: argparse.Namespace) -> int:
 def _ensemble(args: argparse.Namespace) -> int:
     from vitune.eval.answer import load_answer_texts
     from vitune.eval.ensemble import ENSEMBLE_PROMPT_VERSION, format_table, run_ensemble
-    from vitune.eval.io import write_json, write_jsonl
+    from vitune.io import atomic_write_json, atomic_write_jsonl
     from vitune.eval.llava_bench import run_chat
     from vitune.eval.scienceqa import load_split
 
@@ -276,9 +276,9 @@ def _ensemble(args: argparse.Namespace) -> int:
     decisions, report = run_ensemble(problems, load_answer_texts(args.answers), load_answer_texts(args.second), judge)
     report["names"] = {"a": names[0], "b": names[1]}
     print(format_table(report, names))  # type: ignore[arg-type]
-    write_json(args.out, report)
+    atomic_write_json(args.out, report)
     if args.ensemble_answers:
-        write_jsonl(args.ensemble_answers, [
+        atomic_write_jsonl(args.ensemble_answers, [
             {"question_id": d.pid, "text": f"The answer is {d.final}." if d.final else "", "source": d.source}
             for d in decisions
         ])  # fmt: skip
@@ -287,11 +287,11 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def _to_llava(args: argparse.Namespace) -> int:
-    from vitune.eval.io import write_json
+    from vitune.io import atomic_write_json
     from vitune.eval.scienceqa import load_split, to_llava
 
     records = to_llava(load_split(args.data, args.split), args.prompt_format, args.single_pred_prompt)
-    write_json(args.out, records)
+    atomic_write_json(args.out, records)
     with_image = sum(1 for r in records if "image" in r)
     print(f"{args.out}: {len(records)} conversations ({with_image} with an image); "
           f"train with image folder {args.data / 'images' / args.split}")  # fmt: skip

@@ -1,5 +1,6 @@
 """File I/O shared by the evaluation commands: JSON/JSONL reading with errors that name the file
-and line, atomic writes (through `vitune.io`), and the append-only answer/review logs that make phase 1 resumable.
+and line, and the append-only answer/review logs that make phase 1 resumable (whole-file writes
+are `vitune.io`'s).
 
 An append log is flushed after every line, so a killed run loses at most the line in flight; a
 torn last line (no trailing newline) is cut off when the log is reopened.
@@ -8,12 +9,11 @@ torn last line (no trailing newline) is cut off when the log is reopened.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, Self
 
 from vitune.errors import VituneError
-from vitune.io import atomic_write_json, atomic_write_text, read_json
+from vitune.io import read_json
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -50,14 +50,6 @@ def read_records(path: str | Path) -> list[dict]:
             raise VituneError(f"{path}: expected a JSON list of objects")
         return data
     return read_jsonl(path)
-
-
-def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
-    atomic_write_json(path, obj, indent=indent)
-
-
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 class JsonlLog:

@@ -33,7 +33,7 @@ from typing import Any
 
 from vitune.errors import VituneError
 from vitune.eval.answer import EvalItem
-from vitune.eval.io import write_json, write_jsonl
+from vitune.io import atomic_write_json, atomic_write_jsonl
 from vitune.eval.llava_bench import (
     Judge,
     JudgeInput,
@@ -265,8 +265,8 @@ def write_scienceqa_release(problems: Sequence[tuple[Problem, Path]], out: str |
             os.link(image, target)
         except OSError:
             shutil.copyfile(image, target)
-    write_json(out / "problems.json", {p.pid: p.to_json() for p, _ in problems})
-    write_json(out / "pid_splits.json", splits)
+    atomic_write_json(out / "problems.json", {p.pid: p.to_json() for p, _ in problems})
+    atomic_write_json(out / "pid_splits.json", splits)
     return out
 
 
@@ -382,7 +382,7 @@ def score_bench(
     """Judge every answer (writing the reviews JSONL) and score the reviews as LLaVA-Bench does."""
     questions = bench_questions(world, split, limit, seed)
     reviews = judge_all(_judge_inputs(questions, answers), judge, judge_runs)
-    write_jsonl(reviews_out, reviews)
+    atomic_write_jsonl(reviews_out, reviews)
     result = score_reviews(reviews)
     chance = bench_chance(questions)
     cats = result["categories"]
@@ -474,5 +474,5 @@ def run_toy_task(
                              limit=limit, seed=seed, judge_runs=judge_runs)  # fmt: skip
     else:
         result = score_task(task, world, answers, limit=limit, seed=seed)
-    write_json(out_dir / f"{task}.json", result)
+    atomic_write_json(out_dir / f"{task}.json", result)
     return result

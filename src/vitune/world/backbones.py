@@ -32,7 +32,6 @@ a decayed rate whatever the machine's speed. Figures therefore vary a little bet
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -41,9 +40,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vitune.cpu import flush_subnormals, pick_threads
 from vitune.errors import VituneError
 from vitune.io import atomic_dir, atomic_write_json
-from vitune.cpu import flush_subnormals, pick_threads
 from vitune.world.scene import COLORS, SHAPES, SIZES, Scene, position_phrase, read_scenes
 
 # CLIP's own normalisation, so the saved image processor is the stock one.
@@ -145,10 +144,6 @@ def _save_dir(target: Path, save: Callable[[Path], None]) -> None:
     """Write a directory next to `target`, then swap it in, so a killed run never leaves half a model."""
     with atomic_dir(target) as tmp:
         save(tmp)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_json(path, data)
 
 
 def load_split(world: Path, split: str) -> list[Scene]:
@@ -541,7 +536,6 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
     from vitune.world.tokenizer import as_transformers, train_tokenizer
 
     t0 = time.monotonic()
-    world, out = Path(world), Path(out)
     p = get_preset(preset)
     budget = float(seconds if seconds is not None else p.seconds)
     if budget <= 0:
@@ -628,7 +622,7 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
         "retrieval_top1>=0.5": report["clip"]["retrieval_top1"] >= 0.5,
         **{f"probe_{k}>=0.9": v["accuracy"] >= 0.9 for k, v in report["clip"]["probes"].items()},
     }
-    _write_json(out / "report.json", report)
+    atomic_write_json(out / "report.json", report)
     return report
 
 
