@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from vitune.errors import VituneError
+from vitune.io import atomic_write_json, atomic_write_text
 from vitune.world.captions import captions_for
 from vitune.world.scene import COLORS, SHAPES, SIZES, Instance, Scene
 
@@ -166,7 +167,9 @@ def make_scene(seed: int, split: str, index: int, size: int) -> tuple[Scene, byt
     return scene, buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_image(path: Path, data: bytes) -> None:
+    # Temp file + rename like vitune.io's writers, without their fsyncs: thousands of images per
+    # world, and a torn one is never renamed into place.
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -179,7 +182,7 @@ def _render_chunk(job: tuple[str, int, int, int, int, str]) -> list[str]:
     lines = []
     for index in range(start, stop):
         scene, png = make_scene(seed, split, index, size)
-        _write_atomic(images / f"{scene.id}.png", png)
+        _write_image(images / f"{scene.id}.png", png)
         lines.append(json.dumps(scene.to_json(), separators=(", ", ": ")))
     return lines
 
@@ -216,7 +219,7 @@ def render_world(out: Path, scenes: int, eval_scenes: int, seed: int, size: int,
                 for job, chunk_lines in zip(jobs, results):
                     lines.extend(chunk_lines)
                     bar.update(job[3] - job[2])
-                _write_atomic(out / f"{split}.jsonl", "".join(line + "\n" for line in lines).encode())
+                atomic_write_text(out / f"{split}.jsonl", "".join(line + "\n" for line in lines))
         finally:
             if pool:
                 pool.close()
@@ -230,7 +233,7 @@ def render_world(out: Path, scenes: int, eval_scenes: int, seed: int, size: int,
         "sizes": list(SIZES),
         "max_objects": MAX_OBJECTS,
     }
-    _write_atomic(out / "world.json", (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_json(out / "world.json", meta)
 
 
 def read_world_meta(world: Path) -> dict:
