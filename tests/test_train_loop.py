@@ -207,6 +207,48 @@ def test_feature_cache_gives_the_same_losses(tiny_model_dir: Path, data_dir: Pat
     assert losses(on) == pytest.approx(losses(off), rel=1e-5)
 
 
+@pytest.mark.parametrize("vocabulary_head", ["labels only", "full logits"])
+def test_sample_weights_scale_each_rows_loss(tiny_model_dir: Path, vocabulary_head: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weighted loss is each row's summed cross-entropy times its weight, on both loss paths."""
+    from vitune.templates import IGNORE_INDEX
+    from vitune.model.llava import LlavaModel
+    from vitune.train import model_setup
+
+    if vocabulary_head == "full logits":
+        monkeypatch.setattr(model_setup, "_decoder_and_head", lambda lm: None)
+    module = model_setup.TrainingModule(LlavaModel.from_pretrained(tiny_model_dir)).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 200, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[0, :9] = IGNORE_INDEX  # 2 label tokens (the first position is never predicted)
+    labels[1, :4] = IGNORE_INDEX  # 7
+    labels[2, :] = IGNORE_INDEX  # none
+    with torch.no_grad():
+        rows = [float(module(ids[i:i + 1], mask[i:i + 1], labels[i:i + 1])) for i in range(3)]
+        assert float(module(ids, mask, labels)) == pytest.approx(sum(rows), rel=1e-5)
+        weights = torch.tensor([0.5, 1 / 7, 3.0])
+        weighted = float(module(ids, mask, labels, sample_weights=weights))
+    assert rows[0] > 0 and rows[1] > 0 and rows[2] == 0
+    assert weighted == pytest.approx(0.5 * rows[0] + rows[1] / 7, rel=1e-5)
+
+
+def test_loss_weighting_is_independent_of_the_batch_split(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """Per-sample weighting divides by the global batch's total weight: accumulation changes nothing."""
+    common = [f"model.path={tiny_model_dir}", f"data.path={data_dir / 'stage2.json'}", f"data.image_folder={data_dir}",
+              "stage.parts.projector=2e-3", "stage.parts.llm=2e-3", "train.batch_size=8", "train.max_steps=3", *FAST]
+    runs = {}
+    for name, extra in {"token": ["train.micro_batch_size=8"], "sample": ["train.micro_batch_size=8"],
+                        "sample-accum": ["train.micro_batch_size=2"], "square": ["train.micro_batch_size=4"]}.items():
+        weighting = name.split("-")[0]
+        runs[name] = losses(run_training(load_config(None, [*common, *extra, f"train.loss_weighting={weighting}",
+                                                            f"train.output_dir={tmp_path / name}"])))
+    assert runs["sample-accum"] == pytest.approx(runs["sample"], rel=1e-5)
+    # the three weightings see the same first batch from the same weights, yet average it differently
+    first = [runs[k][0] for k in ("token", "sample", "square")]
+    assert len({round(x, 5) for x in first}) == 3
+
+
 def test_qlora_on_cpu_is_a_clear_error(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.path={data_dir / 'stage2.json'}", "stage.parts.llm=1e-4",
                              "stage.lora.bits=4", "train.batch_size=4", "train.micro_batch_size=4", f"train.output_dir={tmp_path}", *FAST])

@@ -103,6 +103,11 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0: none before the end)
     keep_last: int = 2
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb
+    # How the loss averages over label tokens. token: every label token counts the same (LLaVA's
+    # mean over the batch's tokens); sample: each sample's tokens share one unit of weight, so a
+    # one-word answer counts as much as a paragraph; square: each token weighs 1/sqrt(its sample's
+    # label tokens), between the two (InternVL 2.5's "square averaging").
+    loss_weighting: Literal["token", "sample", "square"] = "token"
     cache_image_features: Literal["auto", "on", "off"] = "auto"  # reuse frozen-vision features
     feature_cache_gb: float = 4.0  # "auto" caches only when all features fit in this
     progress: bool = True

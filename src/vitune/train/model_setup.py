@@ -157,7 +157,10 @@ class TrainingModule(nn.Module):
         labels: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Summed cross-entropy over the label tokens; with `sample_weights` ([batch]) each row's
+        tokens are scaled by its weight before the sum."""
         llava = self.llava
         image_features = None
         if vision_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
@@ -183,13 +186,23 @@ class TrainingModule(nn.Module):
         split = _decoder_and_head(lm)
         if split is None:
             logits = lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            if sample_weights is None:
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            else:
+                per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                            reduction="none")
+                loss = (per_token * sample_weights[:, None].to(per_token.dtype)).sum()
             return loss if unused is None else loss + unused
         decoder, head = split
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         keep = targets != IGNORE_INDEX
         # Only positions that predict a label go through the vocabulary projection.
         logits = head(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        if sample_weights is None:
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        else:
+            per_token = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+            rows = keep.nonzero(as_tuple=True)[0]
+            loss = (per_token * sample_weights.to(per_token.dtype)[rows]).sum()
         return loss if unused is None else loss + unused

@@ -13,9 +13,10 @@ the run directory:
     RUN/summary.json       steps, samples, seconds, final loss, data report
 
 Distribution, mixed precision and gradient accumulation are accelerate's (`accelerate launch`
-with a DDP / FSDP / DeepSpeed config). The loss of a step is the mean over all label tokens of
-the global batch, whatever its split into processes and micro-batches, so one process with
-accumulation and N processes without give the same numbers. A frozen vision tower's features
+with a DDP / FSDP / DeepSpeed config). The loss of a step is the weighted mean over all label
+tokens of the global batch (`train.loss_weighting`: per token, per sample or in between), whatever
+its split into processes and micro-batches, so one process with accumulation and N processes
+without give the same numbers. A frozen vision tower's features
 are cached per image (optional) so repeated images skip decoding and the encoder.
 """
 
@@ -315,8 +316,16 @@ def _run_training(
         with contextlib.suppress(ValueError):  # not the main thread
             previous_handlers[sig] = signal.signal(sig, request_stop)
 
-    def step_batches(first: int, last: int) -> Iterator[tuple[int, list[dict[str, Any]], int]]:
-        """(step, this process's micro-batches, label tokens in the global batch) for steps [first, last)."""
+    # Each label token of a sample with n of them weighs n ** -power; a step divides by the global
+    # batch's total weight. Computed from the plan, so every process agrees without talking.
+    power = {"token": 0.0, "sample": 1.0, "square": 0.5}[tc.loss_weighting]
+    token_weight = np.zeros(len(data.num_supervised), dtype=np.float64)
+    supervised = data.num_supervised > 0
+    token_weight[supervised] = data.num_supervised[supervised].astype(np.float64) ** -power
+    sample_weight = token_weight * data.num_supervised  # a sample's share of its step's total
+
+    def step_batches(first: int, last: int) -> Iterator[tuple[int, list[dict[str, Any]], float]]:
+        """(step, this process's micro-batches, total loss weight of the global batch) for steps [first, last)."""
         step = first
         while step < last:
             epoch, pos = divmod(step, spe)
@@ -331,8 +340,8 @@ def _run_training(
             )
             it = iter(loader)
             for s in range(pos, end):
-                n_tokens = int(data.num_supervised[np.concatenate(epoch_plan[s])].sum())
-                yield step, [next(it) for _ in range(accum)], n_tokens
+                total_weight = float(sample_weight[np.concatenate(epoch_plan[s])].sum())
+                yield step, [next(it) for _ in range(accum)], total_weight
                 step += 1
 
     bar = None
@@ -344,7 +353,7 @@ def _run_training(
     device = accelerator.device
     t_start = time.perf_counter()
     t_log, samples_since, tokens_since = time.perf_counter(), 0, 0
-    pending: list[tuple[torch.Tensor, int]] = []
+    pending: list[tuple[torch.Tensor, float]] = []
     samples_seen = start_step * tc.batch_size
     last_metrics: dict[str, Any] = {}
     bad_count = 0
@@ -353,7 +362,7 @@ def _run_training(
     stopped = False
     lr_now: dict[str, float] = {}
     try:
-        for step, micro_batches, n_tokens in step_batches(start_step, total_steps):
+        for step, micro_batches, total_weight in step_batches(start_step, total_steps):
             factor = lr_factor(step, total_steps, warmup, oc.schedule, oc.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
@@ -379,10 +388,12 @@ def _run_training(
                         kwargs["vision_features"] = cache.features(mb, encode, device, dataset)
                     elif mb["pixel_values"] is not None:
                         kwargs["pixel_values"] = mb["pixel_values"].to(device, non_blocking=True)
+                    if power:
+                        kwargs["sample_weights"] = torch.from_numpy(token_weight[mb["indices"]]).to(device)
                     loss_sum = module(ids, mb["attention_mask"].to(device, non_blocking=True),
                                       mb["labels"].to(device, non_blocking=True), **kwargs)
-                    # Mean over the global batch's label tokens, whatever the split (see the module doc).
-                    accelerator.backward(loss_sum * (W * accum / max(1, n_tokens)))
+                    # Weighted mean over the global batch's label tokens, whatever the split (see the module doc).
+                    accelerator.backward(loss_sum * (W * accum / max(1e-12, total_weight)))
                     if accelerator.sync_gradients and oc.max_grad_norm > 0:
                         grad_norm = accelerator.clip_grad_norm_(trainable, oc.max_grad_norm)
                     optimizer.step()
@@ -390,14 +401,14 @@ def _run_training(
                 loss_local += loss_sum.detach()
                 samples_since += len(mb["indices"])
                 tokens_since += int(mb["attention_mask"].sum())
-            pending.append((loss_local, n_tokens))
+            pending.append((loss_local, total_weight))
             done = step + 1
             samples_seen += tc.batch_size
             if bar is not None:
                 bar.update(1)
             if done % tc.log_every == 0 or done == total_steps:
                 sums = accelerator.reduce(torch.stack([p[0] for p in pending]), reduction="sum")
-                loss = float((sums.cpu() / torch.tensor([max(1, p[1]) for p in pending], dtype=torch.float32)).mean())
+                loss = float((sums.cpu() / torch.tensor([max(1e-12, p[1]) for p in pending], dtype=torch.float32)).mean())
                 pending.clear()
                 elapsed = time.perf_counter() - t_log
                 rate = accelerator.reduce(torch.tensor([samples_since, tokens_since], device=device, dtype=torch.float64), "sum").tolist()
