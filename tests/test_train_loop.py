@@ -16,7 +16,7 @@ from vitune.errors import VituneError
 from vitune.train.config import load_config
 from vitune.train.trainer import run_training
 
-FAST = ["train.progress=false", "train.log_every=1", "optim.warmup_ratio=0", "data.check_images=open"]
+FAST = ["train.progress=false", "train.log_every=1", "optim.warmup_ratio=0", "data.check_images=open", "train.compile=false"]
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +247,19 @@ def test_loss_weighting_is_independent_of_the_batch_split(tiny_model_dir: Path, 
     # the three weightings see the same first batch from the same weights, yet average it differently
     first = [runs[k][0] for k in ("token", "sample", "square")]
     assert len({round(x, 5) for x in first}) == 3
+
+
+def test_compiled_decoder_trains_the_same(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """train.compile=true changes the speed, not the numbers, nor the saved weights' names."""
+    common = [f"model.path={tiny_model_dir}", f"data.path={data_dir / 'stage2.json'}", f"data.image_folder={data_dir}",
+              "stage.parts.projector=2e-3", "stage.parts.llm=2e-3", "train.batch_size=8", "train.micro_batch_size=4",
+              "train.max_steps=3", *FAST]
+    eager = run_training(load_config(None, [*common, f"train.output_dir={tmp_path / 'eager'}"]))
+    compiled = run_training(load_config(None, [*common, "train.compile=true", f"train.output_dir={tmp_path / 'compiled'}"]))
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
+    a, b = weights(eager / "model"), weights(compiled / "model")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_qlora_on_cpu_is_a_clear_error(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:

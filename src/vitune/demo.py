@@ -63,7 +63,7 @@ PRESETS: dict[str, DemoConfig] = {
     "quick": DemoConfig(
         out="runs/demo-quick", scenes=120, eval_scenes=12, backbone_preset="quick", backbone_seconds=8.0,
         mix={"conversation": 60, "detail": 20, "complex": 20}, vqa_scenes=60, mc_scenes=30,
-        stage1_overrides=["train.epochs=1"], stage2_overrides=["train.epochs=1"], eval_limit=6, eval_batch_size=8,
+        stage1_overrides=["train.epochs=1"], stage2_overrides=["train.epochs=1", "train.compile=false"], eval_limit=6, eval_batch_size=8,
     ),
 }
 

@@ -108,6 +108,9 @@ class TrainConfig:
     # one-word answer counts as much as a paragraph; square: each token weighs 1/sqrt(its sample's
     # label tokens), between the two (InternVL 2.5's "square averaging").
     loss_weighting: Literal["token", "sample", "square"] = "token"
+    # torch.compile the LLM's decoder (fuses its norms, RoPE and activations; ~1.4x faster steps
+    # on the world's CPU model after ~10 s of compiling). Needs a C++ compiler on CPU.
+    compile: bool = False
     cache_image_features: Literal["auto", "on", "off"] = "auto"  # reuse frozen-vision features
     feature_cache_gb: float = 4.0  # "auto" caches only when all features fit in this
     progress: bool = True

@@ -146,9 +146,21 @@ def _decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 class TrainingModule(nn.Module):
     """Wraps LlavaModel for training: forward -> summed cross-entropy over the label tokens."""
 
-    def __init__(self, llava: nn.Module) -> None:
+    def __init__(self, llava: nn.Module, compile_decoder: bool = False) -> None:
         super().__init__()
         self.llava = llava
+        # Kept out of the module tree (a plain dict), so state_dict, parameters() and DDP see the
+        # decoder's weights once, under their own names.
+        self._compiled: dict[int, nn.Module] = {}
+        self.compile_decoder = compile_decoder
+
+    def _decoder(self, decoder: nn.Module) -> nn.Module:
+        if not self.compile_decoder:
+            return decoder
+        if id(decoder) not in self._compiled:
+            # Sequence lengths change every step: one graph with a symbolic length, not one per length.
+            self._compiled[id(decoder)] = torch.compile(decoder, dynamic=True)
+        return self._compiled[id(decoder)]
 
     def forward(
         self,
@@ -195,7 +207,7 @@ class TrainingModule(nn.Module):
                 loss = (per_token * sample_weights[:, None].to(per_token.dtype)).sum()
             return loss if unused is None else loss + unused
         decoder, head = split
-        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self._decoder(decoder)(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         keep = targets != IGNORE_INDEX
         # Only positions that predict a label go through the vocabulary projection.
         logits = head(hidden[:, :-1][keep])

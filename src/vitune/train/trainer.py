@@ -263,7 +263,7 @@ def _run_training(
         f"x {accum} accumulation; warmup {warmup}; precision {precision}; {left_out} samples per epoch left out of the last batch)")
 
     # -- optimizer, accelerate --------------------------------------------------------------------
-    module = TrainingModule(model)
+    module = TrainingModule(model, compile_decoder=tc.compile)
     oc = config.optim
     groups = param_groups(model, plan, oc.weight_decay)
     fused_ok = precision != "fp16"  # fused AdamW runs on CPU too (torch >= 2.4), several times faster than foreach
