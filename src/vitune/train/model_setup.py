@@ -196,21 +196,14 @@ class TrainingModule(nn.Module):
         targets = labels[:, 1:]
         lm = llava.language_model
         split = _decoder_and_head(lm)
-        if split is None:
-            logits = lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-            if sample_weights is None:
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
-            else:
-                per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                            reduction="none")
-                loss = (per_token * sample_weights[:, None].to(per_token.dtype)).sum()
-            return loss if unused is None else loss + unused
-        decoder, head = split
-        hidden = self._decoder(decoder)(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         keep = targets != IGNORE_INDEX
-        # Only positions that predict a label go through the vocabulary projection.
-        logits = head(hidden[:, :-1][keep])
+        if split is None:
+            logits = lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
+        else:
+            decoder, head = split
+            hidden = self._decoder(decoder)(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            # Only positions that predict a label go through the vocabulary projection.
+            logits = head(hidden[:, :-1][keep])
         if sample_weights is None:
             loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         else:
