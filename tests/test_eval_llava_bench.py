@@ -167,9 +167,11 @@ def test_reference_command_sees_context_not_image(tmp_path: Path) -> None:
     refs = read_jsonl(out)
     assert [r["question_id"] for r in refs] == [0, 1, 2, 3, 4, 5]
     assert all(r["text"] == "A reference answer." for r in refs)
-    first = bodies[0]["messages"]
-    assert all(isinstance(m["content"], str) for m in first)  # text only: no image parts
-    assert "A red ball lies on the grass." in first[-1]["content"] and "What color is the ball?" in first[-1]["content"]
+    assert len(bodies) == 6
+    assert all(isinstance(m["content"], str) for b in bodies for m in b["messages"])  # text only: no image parts
+    # requests run concurrently, so question 0's is found by its question, not by arrival order
+    first = [b["messages"] for b in bodies if "What color is the ball?" in b["messages"][-1]["content"]]
+    assert len(first) == 1 and "A red ball lies on the grass." in first[0][-1]["content"]
 
 
 def test_judge_reports_failures(tmp_path: Path) -> None:
