@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from vitune.io import atomic_write_jsonl, atomic_write_text
+
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 
@@ -64,7 +66,7 @@ def make_tiny_dataset(root: str | Path, n: int = 32, stage: int = 2, text_only: 
         records.append({"id": f"s{i}", "image": f"images/{name}", "conversations": convs})
     out = root / f"stage{stage}.{fmt}"
     if fmt == "json":
-        out.write_text(json.dumps(records, indent=1), encoding="utf-8")
+        atomic_write_text(out, json.dumps(records, indent=1))
     else:
-        out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        atomic_write_jsonl(out, records)
     return out
