@@ -33,3 +33,18 @@ def test_flush_subnormals_is_scoped_to_the_job():
             pass
         assert flushing_subnormals()  # a nested job leaves the outer one's mode
     assert not flushing_subnormals()
+
+
+def test_job_threads_are_scoped_to_the_job(monkeypatch):
+    """A job on a busy machine runs on fewer threads; afterwards the process has its count back
+    (a later training run in the same process must repeat a run made elsewhere bit for bit)."""
+    import torch
+
+    from vitune import cpu
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "busy_cores", lambda window=0.5: float(os.cpu_count() or 1))  # every core busy
+    before = torch.get_num_threads()
+    with cpu.job_threads() as threads:
+        assert threads == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

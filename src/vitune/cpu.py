@@ -26,6 +26,20 @@ def pick_threads() -> int:
     return threads
 
 
+@contextmanager
+def job_threads() -> Iterator[int]:
+    """`pick_threads()` for the duration of a job, then the previous count: the setting is
+    process-wide, and code that runs later in the process (a training run that must repeat another
+    bit for bit) expects the default."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield pick_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
 def busy_cores(window: float = 0.5) -> float:
     """Cores other processes keep busy now: CPU time over a short window (/proc/stat), else the
     1-minute load average. The load average remembers the last minute, so right after a busy step
