@@ -72,3 +72,5 @@ def test_benchmark_format_samples_mix_the_question_order(tmp_path: Path) -> None
         assert all(t["value"].removeprefix("<image>\n") in types for t in turns[::2])  # the task's own questions
     first_types = {types[r["conversations"][0]["value"].removeprefix("<image>\n")] for r in records}
     assert len(first_types) >= 4, first_types
+    # A mix without one of the formats (DemoConfig.mc_scenes=0) asks for no scenes of it.
+    assert benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 0, seed=0) == []

@@ -12,7 +12,8 @@ import torch
 from vitune.errors import VituneError
 from vitune.world.backbones import PRESETS, load_images, lr_at, make_backbones, normalize
 from vitune.world.corpus import corpus, template_texts
-from vitune.world.probes import box_weights
+from vitune.world.probes import _continuation_logprobs, box_weights, text_qa
+from vitune.world.questions import QUESTION_TYPES, chance_level
 from vitune.world.render import render_world
 from vitune.world.scene import COLORS, SHAPES, read_scenes
 
@@ -33,6 +34,10 @@ def test_report(made: tuple[Path, Path, dict]) -> None:
     assert report["clip"]["retrieval_scenes"] == 100
     assert set(report["clip"]["probes"]) == {"shape", "color", "position"}
     assert report["clip"]["image_tokens"] == (48 // PRESETS["quick"].patch_size) ** 2
+    reading = report["lm"]["text_qa"]
+    assert set(reading["by_type"]) == set(QUESTION_TYPES)
+    assert all(v["chance"] == pytest.approx(chance_level(t), abs=1e-4) and v["n"] > 0 for t, v in reading["by_type"].items())
+    assert 0.0 <= reading["accuracy"] <= 1.0
 
 
 def test_quick_preset_beats_chance(made: tuple[Path, Path, dict]) -> None:
@@ -87,6 +92,49 @@ def test_lm_and_tokenizer_load_with_transformers(made: tuple[Path, Path, dict]) 
     with torch.no_grad():
         generated = lm.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_continuation_logprobs_score_each_text_alone(made: tuple[Path, Path, dict]) -> None:
+    """Batched and padded, each text's score is its own tokens' log-probabilities after the shared prefix."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    _, out, _ = made
+    lm, tok = LlamaForCausalLM.from_pretrained(out / "lm").eval(), AutoTokenizer.from_pretrained(out / "lm")
+    prefix = "USER: A small red circle is at the top left. What color is the circle? ASSISTANT:"
+    texts = [f"{prefix} red</s>", f"{prefix} top left</s>", f"{prefix} yellow and a longer tail</s>"]
+    shared = len(tok(prefix, add_special_tokens=False)["input_ids"])
+    expected = []
+    for text in texts:
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logprobs = lm(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        expected.append(logprobs[torch.arange(shared - 1, ids.shape[1] - 1), ids[0, shared:]].sum())
+    torch.testing.assert_close(_continuation_logprobs(lm, tok, texts), torch.stack(expected), atol=1e-4, rtol=0)
+
+
+def test_text_qa_picks_the_likeliest_choice(made: tuple[Path, Path, dict]) -> None:
+    """An LM that always says "yes" and one that always says "no" split the yes/no questions between
+    them: the choice is the likeliest answer, scored per question."""
+    from transformers import AutoTokenizer
+
+    world, out, _ = made
+    tok = AutoTokenizer.from_pretrained(out / "lm")
+    scenes = list(read_scenes(world / "test.jsonl"))[:8]
+
+    class Says(torch.nn.Module):  # logits favouring one word's tokens (and </s>) at every position
+        def __init__(self, word: str) -> None:
+            super().__init__()
+            self.tokens = tok(" " + word + "</s>", add_special_tokens=False)["input_ids"]
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> object:
+            logits = torch.zeros(*input_ids.shape, len(tok))
+            logits[..., self.tokens] = 20.0
+            return type("Output", (), {"logits": logits})()
+
+    yes, no = (text_qa(Says(word), tok, scenes)["by_type"] for word in ("yes", "no"))
+    assert yes["existence"]["accuracy"] + no["existence"]["accuracy"] == pytest.approx(1.0, abs=1e-3)
+    assert 0 < yes["existence"]["accuracy"] < 1
+    assert yes["color"]["accuracy"] == no["color"]["accuracy"]  # neither word is a colour: the same tie
 
 
 def test_tokenizer_has_words_for_the_world_and_its_questions(made: tuple[Path, Path, dict]) -> None:

@@ -38,7 +38,7 @@ class DemoConfig:
     seed: int = 0
     scenes: int = 6000
     eval_scenes: int = 300
-    image_size: int = 48  # the world's default: 12 px patches give 16 image tokens
+    image_size: int = 48  # the world's default: the tiny CLIP's 16 px patches give 9 image tokens (3x3)
     backbone_preset: str = "tiny"
     backbone_seconds: float = 140.0
     # instruction data: rules-teacher samples per kind (drawn over the training scenes); half as
@@ -223,9 +223,13 @@ class Demo:
 
 
 def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int) -> list[dict]:
-    """LLaVA records of a toy task's questions on training scenes, one multi-turn sample per image."""
+    """LLaVA records of a toy task's questions on training scenes, one multi-turn sample per image
+    (none for `scenes=0`)."""
     from vitune.eval.toy import task_items
     from vitune.templates import IMAGE_MARKER
+
+    if scenes <= 0:
+        return []
 
     by_image: dict[str, list[tuple[str, str]]] = {}
     for item in task_items(task, world, split="train", limit=scenes, seed=seed):

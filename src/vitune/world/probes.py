@@ -1,5 +1,6 @@
-"""Gauges of the world's CLIP: caption retrieval, hard-negative choice, and linear probes on the
-patch features LLaVA will use (vision tower, penultimate layer, patch tokens).
+"""Gauges of the world's backbones. The CLIP: caption retrieval, hard-negative choice, and linear
+probes on the patch features LLaVA will use (vision tower, penultimate layer, patch tokens). The
+LM: whether it answers questions about a scene from the scene's text (in-context reading).
 
 A probe reads one object from the frozen features: the patch tokens are averaged over the
 object's box (each patch weighted by how much of it the box covers) and a logistic regression,
@@ -10,11 +11,13 @@ baseline: what the architecture gives for free.
 
 from __future__ import annotations
 
+import random
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
-from vitune.world.questions import POSITIONS
+from vitune.world.questions import POSITIONS, SHORT_ANSWER_SUFFIX, chance_level, short_answer_questions
 from vitune.world.scene import COLORS, SHAPES, Scene, position_phrase
 
 PROBE_TARGETS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLORS, "position": POSITIONS}
@@ -92,3 +95,51 @@ def retrieval_top1(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> flo
     """Image-to-text top-1: the share of images whose own caption (same row) scores highest."""
     sims = image_embeds @ text_embeds.T
     return (sims.argmax(-1) == torch.arange(len(sims))).float().mean().item()
+
+
+def text_qa(lm, tokenizer, scenes: Sequence[Scene], seed: int = 0) -> dict:
+    """The LM alone answering the short-answer questions of `scenes` from their text: each question
+    follows the scene's detailed description (which names every object, its colour and place) in
+    the corpus's chat layout, and the answer is the choice of its type's answer set that the LM
+    finds most likely. This is the in-context reading that LLaVA's stage 2 turns onto image tokens;
+    Vicuna brings it from pretraining, and an LM without it has to learn it in stage 2.
+    Returns {"accuracy", "chance", "by_type": {TYPE: {"accuracy", "chance", "n"}}}."""
+    from vitune.templates import get_template
+    from vitune.world.corpus import chat, detailed_description
+
+    system = get_template("vicuna_v1").system or ""
+    rng = random.Random(seed)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for scene in scenes:  # one forward per scene: every choice of every question
+        context = detailed_description(scene, rng)
+        questions = short_answer_questions(scene, rng)
+        texts = [chat(system, context, [(f"{q.question} {SHORT_ANSWER_SUFFIX}", c)]) for q in questions for c in q.choices]
+        scores = _continuation_logprobs(lm, tokenizer, texts).split([len(q.choices) for q in questions])
+        for q, s in zip(questions, scores):
+            hits[q.type].append(q.choices[int(s.argmax())] == q.answer)
+    by_type = {t: {"accuracy": round(sum(h) / len(h), 4), "chance": round(chance_level(t), 4), "n": len(h)} for t, h in sorted(hits.items())}
+    n = sum(v["n"] for v in by_type.values())
+    return {
+        "accuracy": round(sum(v["accuracy"] * v["n"] for v in by_type.values()) / max(1, n), 4),
+        "chance": round(sum(v["chance"] * v["n"] for v in by_type.values()) / max(1, n), 4),
+        "by_type": by_type,
+    }
+
+
+def _continuation_logprobs(lm, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """[len(texts)] summed log-probabilities of each text's tokens after the shared context (the
+    texts' common prefix, here the description), so choices of one question compare fairly: their
+    common question tokens add the same amount to each."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    start = 0
+    while all(len(x) > start + 1 for x in ids) and len({x[start] for x in ids}) == 1:
+        start += 1
+    width = max(len(x) for x in ids)
+    batch = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for k, x in enumerate(ids):
+        batch[k, : len(x)], mask[k, : len(x)] = torch.tensor(x), 1
+    with torch.no_grad():
+        logprobs = lm(input_ids=batch, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+    token_lp = logprobs.gather(-1, batch[:, 1:, None])[..., 0] * mask[:, 1:]
+    return token_lp[:, max(0, start - 1) :].sum(-1)
