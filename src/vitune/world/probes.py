@@ -113,15 +113,17 @@ def text_qa(lm, tokenizer, scenes: Sequence[Scene], seed: int = 0) -> dict:
     for scene in scenes:  # one forward per scene: every choice of every question
         context = detailed_description(scene, rng)
         questions = short_answer_questions(scene, rng)
+        if not questions:
+            continue
         texts = [chat(system, context, [(f"{q.question} {SHORT_ANSWER_SUFFIX}", c)]) for q in questions for c in q.choices]
         scores = _continuation_logprobs(lm, tokenizer, texts).split([len(q.choices) for q in questions])
         for q, s in zip(questions, scores):
             hits[q.type].append(q.choices[int(s.argmax())] == q.answer)
     by_type = {t: {"accuracy": round(sum(h) / len(h), 4), "chance": round(chance_level(t), 4), "n": len(h)} for t, h in sorted(hits.items())}
-    n = sum(v["n"] for v in by_type.values())
+    n = max(1, sum(len(h) for h in hits.values()))
     return {
-        "accuracy": round(sum(v["accuracy"] * v["n"] for v in by_type.values()) / max(1, n), 4),
-        "chance": round(sum(v["chance"] * v["n"] for v in by_type.values()) / max(1, n), 4),
+        "accuracy": round(sum(sum(h) for h in hits.values()) / n, 4),
+        "chance": round(sum(chance_level(t) * len(h) for t, h in hits.items()) / n, 4),
         "by_type": by_type,
     }
 
