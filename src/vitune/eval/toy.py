@@ -45,6 +45,7 @@ from vitune.eval.scienceqa import OPTIONS, Problem, build_prompt, score_scienceq
 from vitune.world.questions import (
     SHORT_ANSWER_SUFFIX,
     Question,
+    accuracy_by_type,
     article,
     chance_level,
     short_answer_questions,
@@ -145,16 +146,13 @@ def score_vqa(items: Sequence[EvalItem], answers: dict[str, str]) -> dict:
             missing.append(item.question_id)
         ok = reply is not None and normalize_answer(reply) == normalize_answer(item.fields["answer"])
         per_type.setdefault(item.fields["type"], []).append(ok)
-    by_type = {
-        t: {"accuracy": sum(v) / len(v), "chance": chance_level(t), "n": len(v)} for t, v in per_type.items()
-    }
-    n = sum(len(v) for v in per_type.values())
+    summary = accuracy_by_type(per_type)
     return {
         "task": "toy-vqa",
-        "accuracy": sum(sum(v) for v in per_type.values()) / n,
-        "chance": sum(chance_level(t) * len(v) for t, v in per_type.items()) / n,
-        "n": n,
-        "by_type": by_type,
+        "accuracy": summary["accuracy"],
+        "chance": summary["chance"],
+        "n": summary["n"],
+        "by_type": summary["by_type"],
         "missing": missing,
         "extra": sorted(set(answers) - {str(i.question_id) for i in items}),
     }

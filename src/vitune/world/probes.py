@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vitune.world.questions import POSITIONS, SHORT_ANSWER_SUFFIX, chance_level, short_answer_questions
+from vitune.world.questions import POSITIONS, SHORT_ANSWER_SUFFIX, accuracy_by_type, short_answer_questions
 from vitune.world.scene import COLORS, SHAPES, Scene, position_phrase
 
 PROBE_TARGETS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLORS, "position": POSITIONS}
@@ -119,12 +119,11 @@ def text_qa(lm, tokenizer, scenes: Sequence[Scene], seed: int = 0) -> dict:
         scores = _continuation_logprobs(lm, tokenizer, texts).split([len(q.choices) for q in questions])
         for q, s in zip(questions, scores):
             hits[q.type].append(q.choices[int(s.argmax())] == q.answer)
-    by_type = {t: {"accuracy": round(sum(h) / len(h), 4), "chance": round(chance_level(t), 4), "n": len(h)} for t, h in sorted(hits.items())}
-    n = max(1, sum(len(h) for h in hits.values()))
+    summary = accuracy_by_type(dict(sorted(hits.items())))
     return {
-        "accuracy": round(sum(sum(h) for h in hits.values()) / n, 4),
-        "chance": round(sum(chance_level(t) * len(h) for t, h in hits.items()) / n, 4),
-        "by_type": by_type,
+        "accuracy": round(summary["accuracy"], 4),
+        "chance": round(summary["chance"], 4),
+        "by_type": {t: {**v, "accuracy": round(v["accuracy"], 4), "chance": round(v["chance"], 4)} for t, v in summary["by_type"].items()},
     }
 
 

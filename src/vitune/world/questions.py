@@ -113,6 +113,20 @@ def chance_level(question_type: str) -> float:
     return 1.0 / len(ANSWER_SETS[question_type])
 
 
+def accuracy_by_type(hits: dict[str, list[bool]]) -> dict:
+    """{"accuracy", "chance", "n", "by_type": {TYPE: {"accuracy", "chance", "n"}}} of right/wrong
+    answers grouped by question type; the overall chance is the questions' mean chance level."""
+    n = sum(len(h) for h in hits.values())
+    if not n:
+        raise VituneError("no answers to score")
+    return {
+        "accuracy": sum(sum(h) for h in hits.values()) / n,
+        "chance": sum(chance_level(t) * len(h) for t, h in hits.items()) / n,
+        "n": n,
+        "by_type": {t: {"accuracy": sum(h) / len(h), "chance": chance_level(t), "n": len(h)} for t, h in hits.items() if h},
+    }
+
+
 def plural(noun: str) -> str:
     """English plural of a category noun ('circle' -> 'circles', 'bus' -> 'buses')."""
     irregular = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis"}
