@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vitune.errors import VituneError
-from vitune.world.backbones import PRESETS, load_images, lr_at, make_backbones, normalize
-from vitune.world.corpus import corpus, template_texts
+from vitune.world.backbones import PRESETS, chat_examples, chat_tune, load_images, lr_at, make_backbones, normalize
+from vitune.world.corpus import CHAT_ASSISTANT, chat, corpus, qa_chats, template_texts
 from vitune.world.probes import _continuation_logprobs, box_weights, text_qa
 from vitune.world.questions import QUESTION_TYPES, chance_level
 from vitune.world.render import render_world
@@ -23,7 +23,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("backbones")
     world, out = root / "world", root / "out"
     render_world(world, scenes=400, eval_scenes=100, seed=3, size=48)
-    report = make_backbones(world, out, preset="quick", seconds=20)
+    report = make_backbones(world, out, preset="quick", seconds=24)
     return world, out, report
 
 
@@ -154,6 +154,52 @@ def test_corpus_covers_question_kinds(made: tuple[Path, Path, dict]) -> None:
     text = "\n".join(corpus(scenes, 0))
     for needle in ("What color", "How many", "Where is", "relative to", "yes", "no", "step by step", "in detail", "ASSISTANT:"):
         assert needle in text, needle
+
+
+def test_qa_chats_mark_exactly_the_answers(made: tuple[Path, Path, dict]) -> None:
+    from transformers import AutoTokenizer
+
+    scenes = list(read_scenes(made[0] / "val.jsonl"))[:40]
+    chats = list(qa_chats(scenes, 0))
+    assert len(chats) == len(scenes)
+    tok = AutoTokenizer.from_pretrained(made[1] / "lm")
+    for (text, spans), (ids, labels) in zip(chats, chat_examples(tok, chats)):
+        assert 1 <= len(spans) <= 3 and text.endswith("</s>")
+        answers = [text[a:b] for a, b in spans]
+        assert all(text[a - len(CHAT_ASSISTANT) - 1 : a] == f"{CHAT_ASSISTANT} " and x.endswith("</s>") for (a, _), x in zip(spans, answers))
+        # the labelled tokens are the answers' tokens (with the space before a word) and nothing else
+        assert tok.decode([t for t in labels if t != -100]).replace(" ", "") == "".join(answers).replace(" ", "")
+        assert ids[0] == tok.bos_token_id and len(ids) == len(labels) and labels[0] == -100
+    # the corpus's (and text_qa's) chat layout: system prompt, the scene's text, then the turns
+    text, spans = chats[0]
+    system, rest = text.split(" USER: ", 1)
+    context, first = rest.split("\n", 1)
+    question = first.split(f" {CHAT_ASSISTANT} ", 1)[0]
+    assert text.startswith(chat(system, context, [(question, text[spans[0][0] : spans[0][1] - len("</s>")])]))
+
+
+def test_chat_tuning_learns_the_answers(made: tuple[Path, Path, dict]) -> None:
+    """Loss on the answers only: a few steps on a handful of chats bring that loss down."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, report = made[1], made[2]
+    assert report["lm"]["chat"]["steps"] > 0 and PRESETS["quick"].chat_share > 0
+    tok = AutoTokenizer.from_pretrained(out / "lm")
+    lm = AutoModelForCausalLM.from_pretrained(out / "lm")
+    examples = chat_examples(tok, list(qa_chats(list(read_scenes(made[0] / "val.jsonl"))[:8], 1)))
+
+    def answer_loss() -> float:
+        width = max(len(i) for i, _ in examples)
+        ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in examples])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in examples])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in examples])
+        with torch.no_grad():
+            return lm(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+
+    before = answer_loss()
+    stats = chat_tune(lm, examples, PRESETS["quick"], budget=3.0, seed=0, pad_id=tok.pad_token_id)
+    assert stats["steps"] > 0
+    assert answer_loss() < 0.7 * before
 
 
 def test_bad_input(tmp_path: Path) -> None:

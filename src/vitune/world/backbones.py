@@ -89,6 +89,11 @@ class Preset:
     lm_batch: int
     lm_lr: float
     lm_scenes: int  # training scenes whose text the LM reads (more than it can read in time is waste)
+    # Chat tuning after pretraining (Vicuna is LLaMA tuned on conversations): this share of the LM's
+    # time goes to question-answer chats about scenes' text, with the loss on the answers only.
+    chat_share: float = 0.0
+    chat_batch: int = 32
+    chat_lr: float = 1e-3
     # The text tower only serves pretraining (LLaVA keeps the vision tower), so it is kept lean.
     text_mlp_ratio: int = 2
     # Budget split: of what is left after the tokenizer, CLIP training gets this share; the
@@ -107,7 +112,7 @@ PRESETS: dict[str, Preset] = {
         patch_size=12, vision_hidden=64, vision_layers=2, vision_heads=2,
         text_hidden=64, text_layers=1, text_heads=2, projection_dim=64, clip_batch=32, clip_lr=3e-3, region_weight=1.0,
         lm_hidden=64, lm_layers=1, lm_heads=2, lm_context=128, lm_batch=8, lm_lr=3e-3, lm_scenes=300,
-        probe_scenes=100, clip_share=0.85,
+        probe_scenes=100, clip_share=0.85, chat_share=0.2,
     ),  # fmt: skip
     # The embedded default: the demo's backbones, ~4 minutes on 2 CPU cores. 48 px images with
     # 16 px patches: 9 image tokens for LLaVA, one per cell of the world's 3x3 layout grid, so each
@@ -118,6 +123,9 @@ PRESETS: dict[str, Preset] = {
         patch_size=16, vision_hidden=128, vision_layers=4, vision_heads=4,
         text_hidden=96, text_layers=2, text_heads=4, projection_dim=128, clip_batch=64, clip_lr=2e-3, region_weight=1.0,
         lm_hidden=128, lm_layers=2, lm_heads=4, lm_context=256, lm_batch=8, lm_lr=3e-3, lm_scenes=1500,
+        # CLIP and LM about equal time: the LM's pretraining steps decide whether stage 2 learns to
+        # find the object a question names (LM of 537 steps: toy-vqa 0.52-0.54; 1,000-1,600: 0.71-0.74)
+        clip_share=0.48,
     ),  # fmt: skip
     "small": Preset(
         seconds=1200, vocab_size=2048,
@@ -513,6 +521,55 @@ def train_lm(model, blocks, preset: Preset, budget: float, seed: int) -> dict[st
     }
 
 
+def chat_examples(tokenizer, chats: Sequence[tuple[str, Sequence[tuple[int, int]]]], max_length: int = 512) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per chat: `<s>` + the text's tokens; labels only on tokens that overlap
+    an answer span (the rest -100), as instruction tuning does."""
+    enc = tokenizer([text for text, _ in chats], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for (_, spans), tokens, offsets in zip(chats, enc["input_ids"], enc["offset_mapping"]):
+        labels = [t if any(end > a and start < b for a, b in spans) else -100 for t, (start, end) in zip(tokens, offsets)]
+        out.append(([tokenizer.bos_token_id, *tokens][:max_length], [-100, *labels][:max_length]))
+    return out
+
+
+def chat_tune(model, examples: Sequence[tuple[list[int], list[int]]], preset: Preset, budget: float, seed: int, pad_id: int) -> dict[str, Any]:
+    """Tune the pretrained LM on chats for `budget` seconds, random batches padded to the longest."""
+    import torch
+    from tqdm import tqdm
+
+    gen = random.Random(seed)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=preset.chat_lr, betas=(0.9, 0.95), weight_decay=0.0)  # constant rate
+    model.train()
+    start = time.monotonic()
+    steps, losses = 0, []
+    bar = tqdm(total=round(budget), desc="lm chat", unit="s", disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}s {postfix}")
+    while time.monotonic() - start < budget:
+        batch = gen.sample(list(examples), min(preset.chat_batch, len(examples)))
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        steps += 1
+        losses.append(loss.item())
+        bar.n = min(round(time.monotonic() - start), round(budget))
+        bar.set_postfix(step=steps, loss=f"{_mean(losses[-20:]):.3f}", refresh=False)
+        bar.refresh()
+    bar.close()
+    model.eval()
+    return {
+        "steps": steps,
+        "samples_seen": steps * min(preset.chat_batch, len(examples)),
+        "seconds": round(time.monotonic() - start, 1),
+        "final_loss": round(_mean(losses[-20:]), 4),
+    }
+
+
 def perplexity(model, blocks, batch: int = 32) -> float:
     import torch
 
@@ -539,7 +596,7 @@ def make_backbones(world: Path, out: Path, preset: str = "tiny", seconds: float 
 def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, seed: int, threads: int) -> dict:
     import torch
 
-    from vitune.world.corpus import corpus, template_texts
+    from vitune.world.corpus import corpus, qa_chats, template_texts
     from vitune.world.probes import text_qa
     from vitune.world.render import read_world_meta
     from vitune.world.tokenizer import as_transformers, train_tokenizer
@@ -604,9 +661,13 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
     train_blocks = pack(lm_tokenizer, lm_train_docs, p.lm_context)
     val_blocks = pack(lm_tokenizer, lm_val_docs, p.lm_context)[:64]
     lm = _new_lm(lm_config(p, lm_tokenizer))
-    remaining = budget - (time.monotonic() - t0) - LM_GAUGE_RESERVE * budget
-    lm_train = train_lm(lm, train_blocks, p, max(1.0, remaining), seed)
+    remaining = max(1.0, budget - (time.monotonic() - t0) - LM_GAUGE_RESERVE * budget)
+    lm_train = train_lm(lm, train_blocks, p, max(1.0, (1 - p.chat_share) * remaining), seed)
     ppl = perplexity(lm, val_blocks)
+    chat = None
+    if p.chat_share > 0:
+        examples = chat_examples(lm_tokenizer, list(qa_chats(train, seed)))
+        chat = chat_tune(lm, examples, p, max(1.0, budget - (time.monotonic() - t0) - LM_GAUGE_RESERVE * budget), seed, lm_tokenizer.pad_token_id)
     reading = text_qa(lm, lm_tokenizer, test[:TEXT_QA_SCENES], seed)
 
     def save_lm(tmp: Path) -> None:
@@ -620,13 +681,15 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
         "context": p.lm_context,
         "train_tokens": train_blocks.numel(),
         **lm_train,
-        "val_perplexity": round(ppl, 3),
+        "val_perplexity": round(ppl, 3),  # after pretraining, before chat tuning
+        "chat": chat,
         "val_tokens": val_blocks.numel(),
         "uniform_perplexity": len(lm_tokenizer),
         "text_qa": reading,
         "seconds_total": round(time.monotonic() - t2, 1),
     }
-    _log(f"lm: held-out perplexity {ppl:.2f} (uniform {len(lm_tokenizer)}), {lm_train['tokens_seen']} tokens seen; "
+    tuned = f", then {chat['steps']} chat-tuning steps" if chat else ""
+    _log(f"lm: held-out perplexity {ppl:.2f} (uniform {len(lm_tokenizer)}), {lm_train['tokens_seen']} tokens seen{tuned}; "
          f"questions answered from the scene's text {reading['accuracy']:.2f} (chance {reading['chance']:.2f}): "
          + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in reading["by_type"].items()))
     report["seconds_used"] = round(time.monotonic() - t0, 1)

@@ -9,6 +9,9 @@ text description standing where the image will later be:
 - step-by-step reasoning: counting after a change, comparing places (`complex`);
 all in the chat layout of the `vicuna_v1` template, plus the system prompts and instruction
 phrasings of every template, so the tokenizer has words for them.
+
+`qa_chats` is the chat-tuning set (Vicuna's conversations, here about a scene's text): each
+answer's span is marked, since that phase learns from the answers only.
 """
 
 from __future__ import annotations
@@ -184,6 +187,27 @@ def scene_documents(scene: Scene, rng: random.Random, system: str) -> list[str]:
     docs.append(chat(system, captions[0], [(rng.choice(BRIEF_INSTRUCTIONS), captions[1])]))
     docs.append(chat(system, context, [reasoning(scene, rng)]))
     return docs
+
+
+def qa_chats(scenes: Sequence[Scene], seed: int, questions: int = 3) -> Iterator[tuple[str, list[tuple[int, int]]]]:
+    """Per scene: a chat whose context is the scene's detailed description (every object named)
+    and whose turns are up to `questions` short-answer questions of shuffled types, in the layout
+    `text_qa` asks them. Yields (text, character spans of the answers, each with its `</s>`)."""
+    from vitune.templates import get_template
+
+    system = get_template("vicuna_v1").system or ""
+    rng = random.Random(seed)
+    for scene in scenes:
+        qs = short_answer_questions(scene, rng)
+        if not qs:
+            continue
+        rng.shuffle(qs)
+        text, spans = f"{system} {CHAT_USER} {detailed_description(scene, rng)}\n", []
+        for k, q in enumerate(qs[:questions]):
+            text += f"{'' if k == 0 else CHAT_USER + ' '}{q.question} {SHORT_ANSWER_SUFFIX} {CHAT_ASSISTANT} "
+            spans.append((len(text), len(text) + len(q.answer) + len("</s>")))
+            text += f"{q.answer}</s>"
+        yield text, spans
 
 
 def corpus(scenes: Sequence[Scene], seed: int) -> Iterator[str]:
