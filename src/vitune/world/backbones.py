@@ -482,26 +482,19 @@ def pack(tokenizer, documents: Sequence[str], context: int):  # -> LongTensor [b
     return torch.tensor(stream[: blocks * context]).view(blocks, context)
 
 
-def train_lm(model, blocks, preset: Preset, budget: float, seed: int) -> dict[str, Any]:
+def _timed_steps(model, opt, budget: float, desc: str, step_loss: Callable[[float], Any]) -> dict[str, Any]:
+    """Optimizer steps on `step_loss(progress)` (progress in [0, 1) of the time budget) until
+    `budget` seconds have passed, gradients clipped to norm 1, with a progress bar."""
     import torch
     from tqdm import tqdm
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=preset.lm_lr, betas=(0.9, 0.95),
-    )  # fmt: skip
+    params = [p for group in opt.param_groups for p in group["params"]]
     model.train()
     start = time.monotonic()
     steps, losses = 0, []
-    bar = tqdm(total=round(budget), desc="lm", unit="s", disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}s {postfix}")
+    bar = tqdm(total=round(budget), desc=desc, unit="s", disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}s {postfix}")
     while (elapsed := time.monotonic() - start) < budget:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(elapsed / budget, preset.lm_lr)
-        batch = blocks[torch.randint(len(blocks), (preset.lm_batch,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = step_loss(elapsed / budget)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -513,12 +506,28 @@ def train_lm(model, blocks, preset: Preset, budget: float, seed: int) -> dict[st
         bar.refresh()
     bar.close()
     model.eval()
-    return {
-        "steps": steps,
-        "tokens_seen": steps * preset.lm_batch * preset.lm_context,
-        "seconds": round(time.monotonic() - start, 1),
-        "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
-    }
+    return {"steps": steps, "seconds": round(time.monotonic() - start, 1), "final_loss": round(_mean(losses[-20:]), 4) if losses else None}
+
+
+def train_lm(model, blocks, preset: Preset, budget: float, seed: int) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=preset.lm_lr, betas=(0.9, 0.95),
+    )  # fmt: skip
+
+    def step_loss(progress: float):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(progress, preset.lm_lr)
+        batch = blocks[torch.randint(len(blocks), (preset.lm_batch,), generator=gen)]
+        return model(input_ids=batch, labels=batch).loss
+
+    run = _timed_steps(model, opt, budget, "lm", step_loss)
+    return {**run, "tokens_seen": run["steps"] * preset.lm_batch * preset.lm_context}
 
 
 def chat_examples(tokenizer, chats: Sequence[tuple[str, Sequence[tuple[int, int]]]], max_length: int = 512) -> list[tuple[list[int], list[int]]]:
@@ -535,39 +544,22 @@ def chat_examples(tokenizer, chats: Sequence[tuple[str, Sequence[tuple[int, int]
 def chat_tune(model, examples: Sequence[tuple[list[int], list[int]]], preset: Preset, budget: float, seed: int, pad_id: int) -> dict[str, Any]:
     """Tune the pretrained LM on chats for `budget` seconds, random batches padded to the longest."""
     import torch
-    from tqdm import tqdm
 
     gen = random.Random(seed)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=preset.chat_lr, betas=(0.9, 0.95), weight_decay=0.0)  # constant rate
-    model.train()
-    start = time.monotonic()
-    steps, losses = 0, []
-    bar = tqdm(total=round(budget), desc="lm chat", unit="s", disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}s {postfix}")
-    while time.monotonic() - start < budget:
-        batch = gen.sample(list(examples), min(preset.chat_batch, len(examples)))
+    examples = list(examples)
+    size = min(preset.chat_batch, len(examples))
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.chat_lr, betas=(0.9, 0.95), weight_decay=0.0)  # constant rate
+
+    def step_loss(progress: float):
+        batch = gen.sample(examples, size)
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        steps += 1
-        losses.append(loss.item())
-        bar.n = min(round(time.monotonic() - start), round(budget))
-        bar.set_postfix(step=steps, loss=f"{_mean(losses[-20:]):.3f}", refresh=False)
-        bar.refresh()
-    bar.close()
-    model.eval()
-    return {
-        "steps": steps,
-        "samples_seen": steps * min(preset.chat_batch, len(examples)),
-        "seconds": round(time.monotonic() - start, 1),
-        "final_loss": round(_mean(losses[-20:]), 4),
-    }
+        return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+
+    run = _timed_steps(model, opt, budget, "lm chat", step_loss)
+    return {**run, "samples_seen": run["steps"] * size}
 
 
 def perplexity(model, blocks, batch: int = 32) -> float:
