@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vitune.errors import VituneError
-from vitune.world.backbones import PRESETS, chat_examples, chat_tune, load_images, lr_at, make_backbones, normalize
+from vitune.world.backbones import PRESETS, _new_lm, chat_examples, chat_tune, load_images, lr_at, make_backbones, normalize
 from vitune.world.corpus import CHAT_ASSISTANT, chat, corpus, qa_chats, template_texts
 from vitune.world.probes import _continuation_logprobs, box_weights, text_qa
 from vitune.world.questions import QUESTION_TYPES, chance_level
@@ -207,6 +207,24 @@ def test_bad_input(tmp_path: Path) -> None:
         make_backbones(tmp_path / "nowhere", tmp_path / "out", preset="quick", seconds=1)
     with pytest.raises(VituneError, match="unknown backbone preset 'huge'"):
         make_backbones(tmp_path, tmp_path / "out", preset="huge", seconds=1)
+
+
+def test_lm_initialisation_depends_on_the_seed_alone() -> None:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(1)
+    first = _new_lm(config, seed=7).state_dict()
+    torch.rand(1000)  # what CLIP's steps would draw in between
+    again, other = _new_lm(config, seed=7).state_dict(), _new_lm(config, seed=8).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["model.layers.0.self_attn.q_proj.weight"], other["model.layers.0.self_attn.q_proj.weight"])
+    # and the global generator is left as it was
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    _new_lm(config, seed=7)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_lr_schedule() -> None:
