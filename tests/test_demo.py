@@ -74,3 +74,14 @@ def test_benchmark_format_samples_mix_the_question_order(tmp_path: Path) -> None
     assert len(first_types) >= 4, first_types
     # A mix without one of the formats (DemoConfig.mc_scenes=0) asks for no scenes of it.
     assert benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 0, seed=0) == []
+
+
+def test_demo_cli_passes_seed_and_out(monkeypatch, tmp_path: Path) -> None:
+    import vitune.demo as demo
+    from vitune.cli import main
+
+    seen = {}
+    monkeypatch.setattr(demo.Demo, "run", lambda self, fresh=False, only=None: seen.update(config=self.c, fresh=fresh) or {"ok": 1})
+    main(["demo", "--preset", "quick", "--seed", "3", "--out", str(tmp_path / "d"), "--fresh"])
+    assert (seen["config"].seed, seen["config"].out, seen["fresh"]) == (3, str(tmp_path / "d"), True)
+    assert seen["config"].backbone_preset == PRESETS["quick"].backbone_preset

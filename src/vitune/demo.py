@@ -278,12 +278,15 @@ def results_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main_demo(preset: str = "default", fresh: bool = False, out: str | None = None, redo: list[str] | None = None) -> dict[str, Any]:
+def main_demo(preset: str = "default", fresh: bool = False, out: str | None = None, redo: list[str] | None = None,
+              seed: int | None = None) -> dict[str, Any]:
     if preset not in PRESETS:
         raise VituneError(f"unknown demo preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     config = PRESETS[preset]
     if out:
         config = DemoConfig(**{**asdict(config), "out": out})
+    if seed is not None:
+        config = DemoConfig(**{**asdict(config), "seed": seed})
     for step in redo or []:
         if step not in STEPS:
             raise VituneError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
@@ -295,6 +298,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="the whole pipeline on the synthetic world (what `make demo` runs)")
     p.add_argument("--preset", default="default", help=f"demo size: {', '.join(PRESETS)} (default: default)")
     p.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-quick)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the world, backbones, data and training (default 0)")
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     p.add_argument("--redo", action="append", default=[], metavar="STEP", help=f"redo one step and those after it ({', '.join(STEPS)})")
-    p.set_defaults(func=lambda args: main_demo(args.preset, args.fresh, args.out, args.redo) and 0)
+    p.set_defaults(func=lambda args: main_demo(args.preset, args.fresh, args.out, args.redo, args.seed) and 0)
