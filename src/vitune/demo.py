@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -282,11 +282,8 @@ def main_demo(preset: str = "default", fresh: bool = False, out: str | None = No
               seed: int | None = None) -> dict[str, Any]:
     if preset not in PRESETS:
         raise VituneError(f"unknown demo preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    config = PRESETS[preset]
-    if out:
-        config = DemoConfig(**{**asdict(config), "out": out})
-    if seed is not None:
-        config = DemoConfig(**{**asdict(config), "seed": seed})
+    chosen = {"out": out or None, "seed": seed}
+    config = replace(PRESETS[preset], **{k: v for k, v in chosen.items() if v is not None})
     for step in redo or []:
         if step not in STEPS:
             raise VituneError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")

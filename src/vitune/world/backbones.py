@@ -654,13 +654,16 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
     train_blocks = pack(lm_tokenizer, lm_train_docs, p.lm_context)
     val_blocks = pack(lm_tokenizer, lm_val_docs, p.lm_context)[:64]
     lm = _new_lm(lm_config(p, lm_tokenizer), seed)
-    remaining = max(1.0, budget - (time.monotonic() - t0) - LM_GAUGE_RESERVE * budget)
-    lm_train = train_lm(lm, train_blocks, p, max(1.0, (1 - p.chat_share) * remaining), seed)
+
+    def lm_time_left() -> float:  # what the LM's phases may still spend, its gauges' reserve kept
+        return max(1.0, budget - (time.monotonic() - t0) - LM_GAUGE_RESERVE * budget)
+
+    lm_train = train_lm(lm, train_blocks, p, max(1.0, (1 - p.chat_share) * lm_time_left()), seed)
     ppl = perplexity(lm, val_blocks)
     chat = None
     if p.chat_share > 0:
         examples = chat_examples(lm_tokenizer, list(qa_chats(train, seed)))
-        chat = chat_tune(lm, examples, p, max(1.0, budget - (time.monotonic() - t0) - LM_GAUGE_RESERVE * budget), seed, lm_tokenizer.pad_token_id)
+        chat = chat_tune(lm, examples, p, lm_time_left(), seed, lm_tokenizer.pad_token_id)
     reading = text_qa(lm, lm_tokenizer, test[:TEXT_QA_SCENES], seed)
 
     def save_lm(tmp: Path) -> None:
