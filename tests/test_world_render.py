@@ -173,6 +173,17 @@ def test_no_object_hides_another(world: Path) -> None:
             assert ix <= 0 or iy <= 0, f"{scene.id}: boxes overlap"
 
 
+def test_relation_is_said_only_when_it_is_the_one_true_answer() -> None:
+    def at(x: float, y: float) -> Instance:
+        return Instance("circle", (x - 0.05, y - 0.05, x + 0.05, y + 0.05))
+
+    origin = at(0.5, 0.5)
+    assert relation(at(0.2, 0.5), origin) == "left of" and relation(at(0.5, 0.9), origin) == "below"
+    assert relation(at(0.2, 0.4), origin) == "left of"  # 0.3 across against 0.1 down: clearly left
+    assert relation(at(0.2, 0.22), origin) is None  # 0.30 left and 0.28 above: both are true
+    assert relation(at(0.55, 0.53), origin) is None  # too close to say
+
+
 def test_variety(world: Path) -> None:
     scenes = list(read_scenes(world / "train.jsonl"))
     insts = [i for s in scenes for i in s.instances]

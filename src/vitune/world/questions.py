@@ -9,8 +9,8 @@ Every answer is true of the scene and unambiguous:
   when the scene has one circle; otherwise "the red circle", "the small red circle", or nothing);
 - counts are asked about a shape or a colour present in the scene (answers "1"..MAX_COUNT);
 - existence questions come in balanced yes/no cases (an absent shape, colour or colour+shape);
-- positions use `position_phrase` (3x3 grid) and relations use `relation`, whose margin rules out
-  pairs whose centres are too close to say.
+- positions use `position_phrase` (3x3 grid) and relations use `relation`, which rules out pairs
+  whose centres are too close to say and near-diagonal pairs (two of the four answers true).
 
 Answers are lowercase single words or short phrases; `choices` is the question type's full answer
 set (multiple choice, chance level).
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vitune.errors import VituneError
@@ -294,21 +294,25 @@ def questions_of_type(scene: Scene, question_type: str, rng: random.Random) -> l
 
 
 def short_answer_questions(
-    scene: Scene, rng: random.Random, per_type: int = 1, types: Sequence[str] = QUESTION_TYPES
+    scene: Scene, rng: random.Random, per_type: int | Mapping[str, int] = 1, types: Sequence[str] = QUESTION_TYPES
 ) -> list[Question]:
-    """Up to `per_type` distinct questions of each type about `scene`, in `types` order.
+    """Up to `per_type` distinct questions of each type about `scene`, in `types` order (a mapping
+    gives each type its own count; the types it does not name get one).
 
     Existence questions alternate between yes and no, starting with a random one, so the answers
     are balanced over a data set."""
+    if not isinstance(per_type, int) and (unknown := set(per_type) - set(QUESTION_TYPES)):
+        raise VituneError(f"questions per type: unknown type(s) {', '.join(sorted(unknown))}; known: {', '.join(QUESTION_TYPES)}")
     out: list[Question] = []
     for qtype in types:
+        wanted = per_type if isinstance(per_type, int) else per_type.get(qtype, 1)
         if qtype == "existence":
             yes, no = _existence_questions(scene, rng)
             rng.shuffle(yes)
             rng.shuffle(no)
             pools = [yes, no] if rng.random() < 0.5 else [no, yes]
             picked: list[Question] = []
-            while len(picked) < per_type and (pools[0] or pools[1]):
+            while len(picked) < wanted and (pools[0] or pools[1]):
                 pool = pools[len(picked) % 2] or pools[(len(picked) + 1) % 2]
                 picked.append(pool.pop())
             out.extend(picked)
@@ -317,7 +321,7 @@ def short_answer_questions(
         rng.shuffle(pool)
         seen: set[str] = set()
         for q in pool:
-            if len(seen) >= per_type:
+            if len(seen) >= wanted:
                 break
             if q.question not in seen:
                 seen.add(q.question)

