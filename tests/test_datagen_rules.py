@@ -16,6 +16,7 @@ import pytest
 
 from vitune.datagen import rules
 from vitune.datagen.parse import parse_response
+from vitune.errors import VituneError
 from vitune.world.questions import (
     QUESTION_TYPES,
     SHORT_ANSWER_SUFFIX,
@@ -331,6 +332,19 @@ def test_short_answer_questions_balanced_existence_and_types():
     assert 0.4 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.6
 
 
+def test_short_answer_questions_per_type_mapping():
+    """A mapping asks more of some types (the demo's hard ones) and one of every type it leaves out."""
+    for i, scene in enumerate(SCENES):
+        one = Counter(q.type for q in short_answer_questions(scene, random.Random(i)))
+        more = Counter(q.type for q in short_answer_questions(scene, random.Random(i), per_type={"relation": 3, "position": 2}))
+        for t in ("color", "shape", "count", "existence"):
+            assert more[t] == one[t] <= 1
+        possible = {t: len({q.question for q in questions_of_type(scene, t, random.Random(i))}) for t in ("relation", "position")}
+        assert more["relation"] == min(3, possible["relation"]) and more["position"] == min(2, possible["position"])
+    with pytest.raises(VituneError, match="unknown type"):
+        short_answer_questions(SCENES[0], random.Random(0), per_type={"relations": 2})
+
+
 def test_chance_levels():
     assert chance_level("existence") == 0.5
     assert chance_level("color") == pytest.approx(1 / len(COLORS))
@@ -340,7 +354,6 @@ def test_chance_levels():
     from vitune.world.render import MAX_OBJECTS
 
     assert chance_level("count") == pytest.approx(1 / MAX_COUNT) and MAX_COUNT == MAX_OBJECTS
-    from vitune.errors import VituneError
 
     with pytest.raises(VituneError, match="unknown question type"):
         chance_level("colour")

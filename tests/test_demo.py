@@ -6,7 +6,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 from vitune.demo import EVAL_TASKS, PRESETS, STEPS, Demo, DemoConfig
+from vitune.errors import VituneError
 
 
 def test_quick_demo_runs_every_step_and_reuses_them(tmp_path: Path, capsys) -> None:
@@ -74,6 +77,14 @@ def test_benchmark_format_samples_mix_the_question_order(tmp_path: Path) -> None
     assert len(first_types) >= 4, first_types
     # A mix without one of the formats (DemoConfig.mc_scenes=0) asks for no scenes of it.
     assert benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 0, seed=0) == []
+    # DemoConfig.vqa_per_type: more questions of the named types in each image's sample
+    def relation_turns(recs: list[dict]) -> int:
+        return sum("relative to" in t["value"] or "respect to" in t["value"] or "left of, right of" in t["value"]
+                   for r in recs for t in r["conversations"][::2])
+    more = benchmark_format_samples(tmp_path / "w", "toy-vqa", 60, seed=0, per_type={"relation": 3})
+    assert len(more) == 60 and relation_turns(more) > 1.5 * relation_turns(records)
+    with pytest.raises(VituneError, match="toy-vqa setting"):
+        benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 60, seed=0, per_type={"relation": 3})
 
 
 def test_demo_cli_passes_seed_and_out(monkeypatch, tmp_path: Path) -> None:

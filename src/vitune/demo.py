@@ -52,6 +52,7 @@ class DemoConfig:
     # off: 500 such samples took 21% of stage 2's time, toy-scienceqa stayed at chance with them,
     # and toy-vqa after 750 steps was 0.70 with them against 0.80 without (relation 0.33 vs 0.53).
     vqa_scenes: int = 6000
+    vqa_per_type: dict[str, int] = field(default_factory=dict)  # questions per type and sample (1 for types not named)
     mc_scenes: int = 0
     stage1: bool = True  # False: straight to instruction tuning from a fresh projector (an ablation)
     stage1_overrides: list[str] = field(default_factory=list)
@@ -110,7 +111,7 @@ class Demo:
         jobs = plan_jobs(scenes, list(self.c.mix), self.c.mix, self.c.seed)
         records, summary = generate_dataset(teacher, jobs, self.data / "teacher.json", self.data / "teacher.quarantine.jsonl")
         kinds = dict(summary.per_kind)
-        vqa = benchmark_format_samples(self.world, "toy-vqa", self.c.vqa_scenes, self.c.seed)
+        vqa = benchmark_format_samples(self.world, "toy-vqa", self.c.vqa_scenes, self.c.seed, self.c.vqa_per_type)
         mc = benchmark_format_samples(self.world, "toy-scienceqa", self.c.mc_scenes, self.c.seed)
         kinds.update({"vqa": len(vqa), "multiple-choice": len(mc)})
         mixed = records + vqa + mc
@@ -226,17 +227,23 @@ class Demo:
         return metrics
 
 
-def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int) -> list[dict]:
+def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int, per_type: dict[str, int] | None = None) -> list[dict]:
     """LLaVA records of a toy task's questions on training scenes, one multi-turn sample per image
-    (none for `scenes=0`)."""
-    from vitune.eval.toy import task_items
+    (none for `scenes=0`); `per_type`: questions per type for `toy-vqa` (one each by default)."""
+    from vitune.eval.toy import task_items, vqa_items
     from vitune.templates import IMAGE_MARKER
 
+    if per_type and task != "toy-vqa":
+        raise VituneError(f"questions per type are a toy-vqa setting, not one of {task}")
     if scenes <= 0:
         return []
 
     by_image: dict[str, list[tuple[str, str]]] = {}
-    for item in task_items(task, world, split="train", limit=scenes, seed=seed):
+    if per_type:
+        items = vqa_items(world, "train", scenes, seed, per_type)
+    else:
+        items = task_items(task, world, split="train", limit=scenes, seed=seed)
+    for item in items:
         question = item.prompt.replace(IMAGE_MARKER + "\n", "", 1)
         by_image.setdefault(str(item.images[0].relative_to(world)), []).append((question, str(item.fields["answer"])))
     rng = random.Random(f"{task}:{seed}")

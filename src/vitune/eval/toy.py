@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,9 @@ def normalize_answer(text: str) -> str:
     return _NUMBER_WORDS.get(t, t)
 
 
-def vqa_items(world: str | Path, split: str = DEFAULT_SPLIT, limit: int | None = None, seed: int = 0, per_type: int = 1) -> list[EvalItem]:
+def vqa_items(
+    world: str | Path, split: str = DEFAULT_SPLIT, limit: int | None = None, seed: int = 0, per_type: int | Mapping[str, int] = 1,
+) -> list[EvalItem]:
     items = []
     for scene in load_scenes(world, split, limit):
         rng = scene_rng("toy-vqa", seed, scene)
