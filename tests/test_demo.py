@@ -59,7 +59,7 @@ def test_benchmark_format_samples_mix_the_question_order(tmp_path: Path) -> None
     """One multi-turn sample per image with its questions in a random order: in the task's own
     (type) order every first turn would be a colour question, and a model learns turn numbers."""
     from vitune.demo import benchmark_format_samples
-    from vitune.eval.toy import task_items
+    from vitune.eval.toy import task_items, vqa_items
     from vitune.world.render import render_world
 
     render_world(tmp_path / "w", scenes=60, eval_scenes=8, seed=1, size=48)
@@ -78,10 +78,13 @@ def test_benchmark_format_samples_mix_the_question_order(tmp_path: Path) -> None
     # A mix without one of the formats (DemoConfig.mc_scenes=0) asks for no scenes of it.
     assert benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 0, seed=0) == []
     # DemoConfig.vqa_per_type: more questions of the named types in each image's sample
-    def relation_turns(recs: list[dict]) -> int:
-        return sum("relative to" in t["value"] or "respect to" in t["value"] or "left of, right of" in t["value"]
-                   for r in recs for t in r["conversations"][::2])
     more = benchmark_format_samples(tmp_path / "w", "toy-vqa", 60, seed=0, per_type={"relation": 3})
+    types.update({item.prompt.removeprefix("<image>\n"): item.fields["type"]
+                  for item in vqa_items(tmp_path / "w", "train", 60, 0, per_type={"relation": 3})})
+
+    def relation_turns(recs: list[dict]) -> int:
+        return sum(types[t["value"].removeprefix("<image>\n")] == "relation" for r in recs for t in r["conversations"][::2])
+
     assert len(more) == 60 and relation_turns(more) > 1.5 * relation_turns(records)
     with pytest.raises(VituneError, match="toy-vqa setting"):
         benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 60, seed=0, per_type={"relation": 3})

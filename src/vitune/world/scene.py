@@ -139,7 +139,8 @@ def relation(a: Instance, b: Instance, margin: float = 0.1, dominance: float = 1
     the only true one of the four (at 1.0, 22% of the test scenes' pairs had two true answers)."""
     (ax, ay), (bx, by) = a.center, b.center
     dx, dy = ax - bx, ay - by
-    if max(abs(dx), abs(dy)) < margin or max(abs(dx), abs(dy)) < dominance * min(abs(dx), abs(dy)):
+    lead, other = max(abs(dx), abs(dy)), min(abs(dx), abs(dy))
+    if lead < margin or lead < dominance * other:
         return None
     if abs(dx) >= abs(dy):
         return "left of" if dx < 0 else "right of"
