@@ -139,9 +139,11 @@ def test_web_demo_in_headless_chromium(web_server: tuple[str, Any], pipe: Pipeli
             page.screenshot(path=str(tmp_path / "web_demo.png"), full_page=True)
             assert (tmp_path / "web_demo.png").stat().st_size > 10_000
 
-            batches = srv.batcher.stats.batches
+            # wait for the regenerated answer's job to finish, not just start: the page still shows the old
+            # answer while the new one begins, and a question sent then would read a half-streamed turn
+            done = srv.batcher.stats.jobs_done
             page.click("#regenerate")
-            _wait(lambda: srv.batcher.stats.batches > batches and bots.all_inner_texts() == [first])
+            _wait(lambda: srv.batcher.stats.jobs_done > done and [t.strip() for t in bots.all_inner_texts()] == [first])
 
             page.fill("#question textarea", q2)
             page.press("#question textarea", "Enter")
