@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vitune.errors import VituneError
-from vitune.world.backbones import PRESETS, _new_lm, chat_examples, chat_tune, load_images, lr_at, make_backbones, normalize
+from vitune.world.backbones import PRESETS, Budget, _new_lm, chat_examples, chat_tune, load_images, lr_at, make_backbones, normalize, parse_steps
 from vitune.world.corpus import CHAT_ASSISTANT, DETAIL_INSTRUCTIONS, chat, corpus, qa_chats, template_texts
 from vitune.world.probes import _continuation_logprobs, box_weights, text_qa
 from vitune.world.questions import QUESTION_TYPES, chance_level
@@ -18,19 +18,25 @@ from vitune.world.render import render_world
 from vitune.world.scene import COLORS, SHAPES, read_scenes
 
 
+QUICK_STEPS = {"clip": 700, "lm": 110, "chat": 10}
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("backbones")
     world, out = root / "world", root / "out"
     render_world(world, scenes=400, eval_scenes=100, seed=3, size=48)
-    report = make_backbones(world, out, preset="quick", seconds=24)
+    # Fixed step counts (about what 24 s buys on an idle machine): on a busy one a time budget left
+    # CLIP at chance when this ran next to the demo test.
+    report = make_backbones(world, out, preset="quick", seconds=24, steps=QUICK_STEPS)
     return world, out, report
 
 
 def test_report(made: tuple[Path, Path, dict]) -> None:
     _, out, report = made
     assert json.loads((out / "report.json").read_text()) == report
-    assert report["clip"]["steps"] > 0 and report["lm"]["steps"] > 0
+    assert (report["clip"]["steps"], report["lm"]["steps"], report["lm"]["chat"]["steps"]) == (700, 110, 10)
+    assert report["steps_budget"] == QUICK_STEPS
     assert report["clip"]["retrieval_scenes"] == 100
     assert set(report["clip"]["probes"]) == {"shape", "color", "position"}
     assert report["clip"]["image_tokens"] == (48 // PRESETS["quick"].patch_size) ** 2
@@ -38,6 +44,16 @@ def test_report(made: tuple[Path, Path, dict]) -> None:
     assert set(reading["by_type"]) == set(QUESTION_TYPES)
     assert all(v["chance"] == pytest.approx(chance_level(t), abs=1e-4) and v["n"] > 0 for t, v in reading["by_type"].items())
     assert 0.0 <= reading["accuracy"] <= 1.0
+
+
+def test_step_budgets_parse_and_count() -> None:
+    assert parse_steps("clip=600, lm=400") == {"clip": 600, "lm": 400}
+    assert parse_steps(None) == {} == parse_steps("")
+    for bad in ("clip", "vision=3", "lm=0", "lm=x"):
+        with pytest.raises(VituneError, match="--steps: bad part"):
+            parse_steps(bad)
+    assert Budget(10.0, steps=4).spent(99.0, 2) == 0.5  # steps decide when given, not time
+    assert Budget(10.0).spent(5.0, 1000) == 0.5
 
 
 def test_quick_preset_beats_chance(made: tuple[Path, Path, dict]) -> None:
@@ -199,8 +215,8 @@ def test_chat_tuning_learns_the_answers(made: tuple[Path, Path, dict]) -> None:
             return lm(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
 
     before = answer_loss()
-    stats = chat_tune(lm, examples, PRESETS["quick"], budget=3.0, seed=0, pad_id=tok.pad_token_id)
-    assert stats["steps"] > 0
+    stats = chat_tune(lm, examples, PRESETS["quick"], budget=Budget(3.0, steps=20), seed=0, pad_id=tok.pad_token_id)
+    assert stats["steps"] == 20
     assert answer_loss() < 0.7 * before
 
 

@@ -29,7 +29,9 @@ The story, step by step (each with a progress bar and its figures printed):
 
 Training runs against a time budget (`--seconds`, split across the steps): the learning rate
 follows warm-up and cosine decay over the fraction of the step's budget spent, so a run ends on
-a decayed rate whatever the machine's speed. Figures therefore vary a little between machines.
+a decayed rate whatever the machine's speed. Figures therefore vary between machines, and on a
+busy one. `--steps clip=N,lm=N,chat=N` fixes a phase's optimizer steps instead (the schedule then
+follows the steps taken): the same backbones on any machine, for tests and like-for-like runs.
 """
 
 from __future__ import annotations
@@ -61,6 +63,46 @@ TEXT_QA_SCENES = 40
 # Region loss weights for shape, colour, size, position: shape is the slow one to learn (colour
 # is a pixel average; position is in the position embeddings), so it gets the most gradient.
 ATTRIBUTE_WEIGHTS: tuple[float, ...] = (2.0, 0.5, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long one training phase runs: `seconds` of wall time, or exactly `steps` optimizer
+    steps when given (machine-independent)."""
+
+    seconds: float
+    steps: int | None = None
+
+    def spent(self, elapsed: float, step: int) -> float:
+        """The fraction of the budget used after `step` steps in `elapsed` seconds (done at 1)."""
+        return step / self.steps if self.steps is not None else elapsed / self.seconds
+
+    def bar(self, desc: str) -> Any:
+        from tqdm import tqdm
+
+        unit = "step" if self.steps is not None else "s"
+        total = self.steps if self.steps is not None else round(self.seconds)
+        return tqdm(total=total, desc=desc, unit=unit, disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}" + unit + " {postfix}")
+
+    def show(self, bar: Any, elapsed: float, step: int) -> None:
+        bar.n = step if self.steps is not None else min(round(elapsed), round(self.seconds))
+
+
+STEP_PHASES: tuple[str, ...] = ("clip", "lm", "chat")
+
+
+def parse_steps(text: str | None) -> dict[str, int]:
+    """`clip=600,lm=400` -> {"clip": 600, "lm": 400}, with errors naming the bad part."""
+    out: dict[str, int] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in STEP_PHASES or not value.strip().isdigit() or int(value) < 1:
+            raise VituneError(f"--steps: bad part {part!r} (want PHASE=N with PHASE one of {', '.join(STEP_PHASES)} and N >= 1)")
+        out[name] = int(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -281,11 +323,10 @@ def _vision(model, pixels):
 
 
 def train_clip(
-    model, tokenizer, images, scenes: Sequence[Scene], preset: Preset, budget: float, seed: int
+    model, tokenizer, images, scenes: Sequence[Scene], preset: Preset, budget: Budget, seed: int
 ) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
 
     from vitune.world.probes import POSITIONS, box_weights
 
@@ -314,16 +355,16 @@ def train_clip(
     model.train()
     start = time.monotonic()
     steps, seen, losses, region_losses = 0, 0, [], []
-    bar = tqdm(total=round(budget), desc="clip", unit="s", disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}s {postfix}")
-    # Phase 1 (region_only seconds): the vision tower alone learns to name each object's
-    # attributes from its patches, at a fraction of a full step's cost. Phase 2: contrastive
-    # image-caption training of both towers, the region loss kept on. Each phase has its own
-    # warm-up and decay.
-    region_only = budget * preset.region_phase if preset.region_weight else 0.0
+    bar = budget.bar("clip")
+    # Phase 1 (the region_phase share of the budget): the vision tower alone learns to name each
+    # object's attributes from its patches, at a fraction of a full step's cost. Phase 2:
+    # contrastive image-caption training of both towers, the region loss kept on. Each phase has
+    # its own warm-up and decay.
+    region_only = preset.region_phase if preset.region_weight else 0.0
     contrastive_steps = 0
-    while (elapsed := time.monotonic() - start) < budget:
-        phase_one = elapsed < region_only
-        progress = elapsed / region_only if phase_one else (elapsed - region_only) / (budget - region_only)
+    while (spent := budget.spent(time.monotonic() - start, steps)) < 1:
+        phase_one = spent < region_only
+        progress = spent / region_only if phase_one else (spent - region_only) / (1 - region_only)
         for group in opt.param_groups:
             group["lr"] = lr_at(progress, preset.clip_lr)
         idx = torch.randint(len(scenes), (preset.clip_batch,), generator=gen).tolist()
@@ -358,7 +399,7 @@ def train_clip(
         opt.step()
         steps += 1
         seen += len(idx)
-        bar.n = min(round(time.monotonic() - start), round(budget))
+        budget.show(bar, time.monotonic() - start, steps)
         bar.set_postfix(step=steps, loss=f"{_mean(losses[-20:]):.3f}", region=f"{_mean(region_losses[-20:]):.3f}", refresh=False)
         bar.refresh()
     bar.close()
@@ -483,26 +524,25 @@ def pack(tokenizer, documents: Sequence[str], context: int):  # -> LongTensor [b
     return torch.tensor(stream[: blocks * context]).view(blocks, context)
 
 
-def _timed_steps(model, opt, budget: float, desc: str, step_loss: Callable[[float], Any]) -> dict[str, Any]:
-    """Optimizer steps on `step_loss(progress)` (progress in [0, 1) of the time budget) until
-    `budget` seconds have passed, gradients clipped to norm 1, with a progress bar."""
+def _timed_steps(model, opt, budget: Budget, desc: str, step_loss: Callable[[float], Any]) -> dict[str, Any]:
+    """Optimizer steps on `step_loss(progress)` (progress in [0, 1) of the budget) until the
+    budget is spent, gradients clipped to norm 1, with a progress bar."""
     import torch
-    from tqdm import tqdm
 
     params = [p for group in opt.param_groups for p in group["params"]]
     model.train()
     start = time.monotonic()
     steps, losses = 0, []
-    bar = tqdm(total=round(budget), desc=desc, unit="s", disable=None, bar_format="{l_bar}{bar}| {n:.0f}/{total}s {postfix}")
-    while (elapsed := time.monotonic() - start) < budget:
-        loss = step_loss(elapsed / budget)
+    bar = budget.bar(desc)
+    while (spent := budget.spent(time.monotonic() - start, steps)) < 1:
+        loss = step_loss(spent)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         steps += 1
         losses.append(loss.item())
-        bar.n = min(round(time.monotonic() - start), round(budget))
+        budget.show(bar, time.monotonic() - start, steps)
         bar.set_postfix(step=steps, loss=f"{_mean(losses[-20:]):.3f}", refresh=False)
         bar.refresh()
     bar.close()
@@ -510,7 +550,7 @@ def _timed_steps(model, opt, budget: float, desc: str, step_loss: Callable[[floa
     return {"steps": steps, "seconds": round(time.monotonic() - start, 1), "final_loss": round(_mean(losses[-20:]), 4) if losses else None}
 
 
-def train_lm(model, blocks, preset: Preset, budget: float, seed: int) -> dict[str, Any]:
+def train_lm(model, blocks, preset: Preset, budget: Budget, seed: int) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(seed)
@@ -542,8 +582,8 @@ def chat_examples(tokenizer, chats: Sequence[tuple[str, Sequence[tuple[int, int]
     return out
 
 
-def chat_tune(model, examples: Sequence[tuple[list[int], list[int]]], preset: Preset, budget: float, seed: int, pad_id: int) -> dict[str, Any]:
-    """Tune the pretrained LM on chats for `budget` seconds, random batches padded to the longest."""
+def chat_tune(model, examples: Sequence[tuple[list[int], list[int]]], preset: Preset, budget: Budget, seed: int, pad_id: int) -> dict[str, Any]:
+    """Tune the pretrained LM on chats for the budget, random batches padded to the longest."""
     import torch
 
     gen = random.Random(seed)
@@ -580,13 +620,16 @@ def perplexity(model, blocks, batch: int = 32) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def make_backbones(world: Path, out: Path, preset: str = "tiny", seconds: float | None = None, seed: int = 0) -> dict:
-    """Train the tokenizer, B/clip and B/lm on the world at `world`; returns (and writes) the report."""
+def make_backbones(world: Path, out: Path, preset: str = "tiny", seconds: float | None = None, seed: int = 0,
+                   steps: dict[str, int] | None = None) -> dict:
+    """Train the tokenizer, B/clip and B/lm on the world at `world`; returns (and writes) the report.
+    `steps` ({"clip", "lm", "chat"} -> N) fixes those phases' optimizer steps instead of their time."""
     with flush_subnormals(), job_threads() as threads:  # subnormal arithmetic is slow on x86 (see vitune.cpu)
-        return _make_backbones(Path(world), Path(out), preset, seconds, seed, threads)
+        return _make_backbones(Path(world), Path(out), preset, seconds, seed, threads, dict(steps or {}))
 
 
-def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, seed: int, threads: int) -> dict:
+def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, seed: int, threads: int,
+                    steps: dict[str, int]) -> dict:
     import torch
 
     from vitune.world.corpus import corpus, qa_chats, template_texts
@@ -599,6 +642,9 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
     budget = float(seconds if seconds is not None else p.seconds)
     if budget <= 0:
         raise VituneError(f"--seconds must be positive (got {seconds})")
+    unknown = sorted(set(steps) - set(STEP_PHASES))
+    if unknown or any(not isinstance(n, int) or n < 1 for n in steps.values()):
+        raise VituneError(f"steps: want {{PHASE: N >= 1}} for PHASE in {', '.join(STEP_PHASES)} (got {steps})")
     meta = read_world_meta(world)
     image_size = int(meta["size"])
     train, val, test = (load_split(world, s) for s in ("train", "val", "test"))
@@ -619,6 +665,7 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
         "preset": preset,
         "preset_config": asdict(p),
         "seconds_budget": budget,
+        "steps_budget": steps or None,
         "torch_threads": threads,
         "world": {"path": str(world), "image_size": image_size, "train_scenes": len(train), "val_scenes": len(val), "test_scenes": len(test)},
         "tokenizer": {
@@ -634,7 +681,7 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
     images = load_images(world, train, image_size)
     clip = _new_clip(clip_config(p, image_size, clip_tokenizer))
     remaining = budget - (time.monotonic() - t0) - p.eval_reserve * budget
-    clip_train = train_clip(clip, clip_tokenizer, images, train, p, max(1.0, p.clip_share * remaining), seed)
+    clip_train = train_clip(clip, clip_tokenizer, images, train, p, Budget(max(1.0, p.clip_share * remaining), steps.get("clip")), seed)
     del images
     gauges = evaluate_clip(clip, clip_tokenizer, world, val, test, p, image_size)
     save_clip(clip, clip_tokenizer, image_size, out / "clip")
@@ -658,12 +705,12 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
     def lm_time_left() -> float:  # what the LM's phases may still spend, its gauges' reserve kept
         return max(1.0, budget - (time.monotonic() - t0) - LM_GAUGE_RESERVE * budget)
 
-    lm_train = train_lm(lm, train_blocks, p, max(1.0, (1 - p.chat_share) * lm_time_left()), seed)
+    lm_train = train_lm(lm, train_blocks, p, Budget(max(1.0, (1 - p.chat_share) * lm_time_left()), steps.get("lm")), seed)
     ppl = perplexity(lm, val_blocks)
     chat = None
     if p.chat_share > 0:
         examples = chat_examples(lm_tokenizer, list(qa_chats(train, seed)))
-        chat = chat_tune(lm, examples, p, lm_time_left(), seed, lm_tokenizer.pad_token_id)
+        chat = chat_tune(lm, examples, p, Budget(lm_time_left(), steps.get("chat")), seed, lm_tokenizer.pad_token_id)
     reading = text_qa(lm, lm_tokenizer, test[:TEXT_QA_SCENES], seed)
 
     def save_lm(tmp: Path) -> None:

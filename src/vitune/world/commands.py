@@ -28,6 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backbones.add_argument(
         "--seconds", type=float, default=None, help="total time budget, split across the steps (default: the preset's)"
     )
+    backbones.add_argument(
+        "--steps", default=None, metavar="PHASE=N,...",
+        help="fixed optimizer steps instead of time for some phases, e.g. clip=1200,lm=1000,chat=200 "
+        "(the same backbones on any machine; phases not named keep their share of --seconds)",
+    )
+    backbones.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     backbones.set_defaults(func=_backbones)
 
 
@@ -40,8 +46,8 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _backbones(args: argparse.Namespace) -> int:
-    from vitune.world.backbones import make_backbones
+    from vitune.world.backbones import make_backbones, parse_steps
 
-    report = make_backbones(args.world, args.out, preset=args.preset, seconds=args.seconds)
+    report = make_backbones(args.world, args.out, preset=args.preset, seconds=args.seconds, seed=args.seed, steps=parse_steps(args.steps))
     print(json.dumps(report, indent=2))
     return 0
