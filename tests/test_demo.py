@@ -41,10 +41,20 @@ def test_quick_demo_runs_every_step_and_reuses_them(tmp_path: Path, capsys) -> N
     again = Demo(config).run()
     assert "reused" in capsys.readouterr().out
     assert again["steps"] == metrics["steps"]
-    # redoing a step redoes those after it, not those before (a training stage starts over)
-    Demo(config).run(only=["stage2"])
+    # redoing a step redoes those after it, not those before (a training stage starts over); under a
+    # time budget stage 2 ends when the steps before it, itself and the eval reserve would reach it
+    before = sum(metrics["steps"][name]["seconds"] for name in STEPS[: STEPS.index("stage2")])
+    timed = DemoConfig(**{**asdict(config), "time_budget": before + 35.0 + 3.0, "eval_reserve": 35.0, "min_stage2_seconds": 1.0,
+                          "stage2_epochs": 200, "stage2_overrides": ["train.compile=false"]})
+    Demo(timed).run(only=["stage2"])
     printed = capsys.readouterr().out
     assert "stage1: reused" in printed and "stage2: reused" not in printed and "eval: reused" not in printed
+    summary = json.loads((out / "stage2" / "summary.json").read_text())
+    assert summary["stopped_by"] == "max_seconds" and 0 < summary["steps"] < summary["planned_steps"]
+    assert "(time budget reached)" in printed and (out / "stage2" / "model" / "config.json").is_file()
+    assert json.loads((out / "steps" / "stage2.json").read_text())["optimizer_steps"] == summary["steps"]
+    with pytest.raises(VituneError, match="would be left for stage 2"):
+        Demo(DemoConfig(**{**asdict(timed), "time_budget": before + 10.0})).run(only=["stage2"])
     # a redone eval answers afresh: answers left by an earlier stage-2 model are not reused
     answers = out / "eval" / "toy-vqa.answers.jsonl"
     stale = [json.loads(x) for x in answers.read_text().splitlines()]

@@ -288,3 +288,16 @@ def test_check_data_and_tracker_errors(tiny_model_dir: Path, data_dir: Path, tmp
                              "train.report_to=[neptune]", f"train.output_dir={tmp_path / 'r'}", *FAST])
     with pytest.raises(VituneError, match="unknown tracker 'neptune'"):
         run_training(cfg)
+
+
+def test_max_seconds_finishes_the_run_early_with_an_exported_model(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    common = [f"model.path={tiny_model_dir}", f"data.path={data_dir / 'stage2.json'}", f"data.image_folder={data_dir}",
+              "stage.parts.projector=2e-3", "stage.parts.llm=2e-3", "train.batch_size=8", "train.micro_batch_size=8",
+              "train.max_steps=50", "train.log_every=10", f"train.output_dir={tmp_path / 'run'}", *FAST[:1], *FAST[2:]]
+    run = run_training(load_config(None, [*common, "train.max_seconds=1e-9"]))  # out of time after the first step
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["steps"], summary["planned_steps"], summary["stopped_by"]) == (1, 50, "max_seconds")
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]  # logged though off the log_every grid
+    assert (run / "model" / "model.safetensors").is_file() and not (run / "checkpoints").exists()
+    with pytest.raises(VituneError, match="train.max_seconds must be a positive"):
+        load_config(None, [*common, "train.max_seconds=0"]).check()

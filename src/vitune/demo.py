@@ -43,6 +43,9 @@ class DemoConfig:
     # CLIP ~96 s, the LM ~100 s: stage 2 builds on what the LM learned in pretraining; with the
     # LM's earlier 32 s (537 steps) toy-vqa stayed at 0.52-0.62, with 100 s it reached ~0.7
     backbone_seconds: float = 215.0
+    # fixed optimizer steps for some backbone phases ({"clip", "lm", "chat"} -> N) instead of their
+    # time share: the same backbones on any machine, for like-for-like comparisons
+    backbone_steps: dict[str, int] = field(default_factory=dict)
     # instruction data: rules-teacher samples per kind (drawn over the training scenes); half as
     # many gave toy-bench 0.31 instead of 0.42 and no better toy-vqa
     mix: dict[str, int] = field(default_factory=lambda: {"conversation": 1000, "detail": 250, "complex": 250})
@@ -57,13 +60,20 @@ class DemoConfig:
     stage1: bool = True  # False: straight to instruction tuning from a fresh projector (an ablation)
     stage1_overrides: list[str] = field(default_factory=list)
     stage2_overrides: list[str] = field(default_factory=list)
+    # The demo's time target: stage 2 ends (`train.max_seconds`) when the steps before it, stage 2
+    # itself and `eval_reserve` would reach it, so a slow machine still finishes in time and a fast
+    # one trains longer (toy-vqa still climbs at 1,100 stage-2 steps). None: stage 2 runs its epochs.
+    time_budget: float | None = None
+    eval_reserve: float = 35.0  # eval (~21 s here), stage 2's data set-up and export, the chat turn
+    min_stage2_seconds: float = 30.0  # less than this left for stage 2 is an error, not a useless model
+    stage2_epochs: float | None = None  # planned epochs (None: the world-stage2 preset's 7)
     eval_limit: int | None = None  # held-out scenes per task (None: all eval scenes)
     eval_batch_size: int = 32
     chat_question: str = "What objects are in this image, and where are they?"
 
 
 PRESETS: dict[str, DemoConfig] = {
-    "default": DemoConfig(),
+    "default": DemoConfig(time_budget=580.0, stage2_epochs=12),
     # seconds, for the test suite: every step runs, nothing is expected to be learned well
     "quick": DemoConfig(
         out="runs/demo-quick", scenes=120, eval_scenes=12, backbone_preset="quick", backbone_seconds=8.0,
@@ -82,6 +92,7 @@ class Demo:
         self.data = self.out / "data"
         self.model = self.out / "model"
         self.eval_dir = self.out / "eval"
+        self._spent = 0.0  # seconds of the steps run or reused so far (the time budget's use)
 
     # -- the steps -------------------------------------------------------------------------
     def step_world(self) -> dict[str, Any]:
@@ -93,7 +104,8 @@ class Demo:
     def step_backbones(self) -> dict[str, Any]:
         from vitune.world.backbones import make_backbones
 
-        report = make_backbones(self.world, self.backbones, preset=self.c.backbone_preset, seconds=self.c.backbone_seconds, seed=self.c.seed)
+        report = make_backbones(self.world, self.backbones, preset=self.c.backbone_preset, seconds=self.c.backbone_seconds, seed=self.c.seed,
+                                steps=self.c.backbone_steps)
         return {"report": report, "line": _backbone_line(report)}
 
     def step_data(self) -> dict[str, Any]:
@@ -152,7 +164,19 @@ class Demo:
         return self._train("world-stage1", "stage1", self.c.stage1_overrides)
 
     def step_stage2(self) -> dict[str, Any]:
-        return self._train("world-stage2", "stage2", self.c.stage2_overrides)
+        overrides = [] if self.c.stage2_epochs is None else [f"train.epochs={self.c.stage2_epochs:g}"]
+        if self.c.time_budget is not None:
+            left = self.c.time_budget - self._spent - self.c.eval_reserve
+            if left < self.c.min_stage2_seconds:
+                raise VituneError(f"the steps before stage 2 took {self._spent:.0f}s of the {self.c.time_budget:.0f}s time budget: "
+                                  f"{left:.0f}s would be left for stage 2")
+            overrides.append(f"train.max_seconds={left:.1f}")
+        result = self._train("world-stage2", "stage2", [*overrides, *self.c.stage2_overrides])
+        summary = json.loads((self.out / "stage2" / "summary.json").read_text())
+        result["optimizer_steps"] = summary["steps"]
+        result["line"] += f"; {summary['steps']} of {summary['planned_steps']} planned steps" + (
+            " (time budget reached)" if summary.get("stopped_by") == "max_seconds" else "")
+        return result
 
     def step_eval(self) -> dict[str, Any]:
         from vitune.eval.toy import run_toy_task
@@ -198,6 +222,7 @@ class Demo:
         started = time.perf_counter()
         results: dict[str, dict[str, Any]] = {}
         for i, name in enumerate(STEPS, 1):
+            self._spent = sum(r["seconds"] for r in results.values())  # what the time budget has used
             record = self.out / "steps" / f"{name}.json"
             if record.is_file() and (only is None or name not in only):
                 results[name] = json.loads(record.read_text())

@@ -94,6 +94,11 @@ class TrainConfig:
     overwrite: bool = False  # allow a fresh run in a directory that holds an earlier one
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
+    # End the run once this many seconds of training have passed (at a step boundary, on every
+    # process together) and finish it as if done: the model is exported and summary.json says
+    # `"stopped_by": "max_seconds"`. The schedule still spans the planned steps, so this suits a
+    # constant schedule (or a generous step plan cut short); for jobs with a wall-clock allowance.
+    max_seconds: float | None = None
     batch_size: int = 128  # global: micro_batch_size x processes x accumulation
     micro_batch_size: int = 16  # per device and forward pass
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -135,6 +140,8 @@ class Config:
         t = self.train
         if t.batch_size < 1 or t.micro_batch_size < 1:
             raise VituneError("train.batch_size and train.micro_batch_size must be >= 1")
+        if t.max_seconds is not None and not t.max_seconds > 0:
+            raise VituneError(f"train.max_seconds must be a positive number of seconds, got {t.max_seconds!r}")
         if t.batch_size % t.micro_batch_size:
             raise VituneError(f"train.batch_size {t.batch_size} is not a multiple of train.micro_batch_size {t.micro_batch_size}")
         for part in ("vision", "projector", "llm"):

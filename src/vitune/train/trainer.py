@@ -371,6 +371,8 @@ def _run_training(
     grad_norm: Any = None
     step = start_step
     stopped = False
+    stopped_by = None
+    done = start_step
     lr_now: dict[str, float] = {}
     try:
         for step, micro_batches, total_weight in step_batches(start_step, total_steps):
@@ -417,7 +419,10 @@ def _run_training(
             samples_seen += tc.batch_size
             if bar is not None:
                 bar.update(1)
-            if done % tc.log_every == 0 or done == total_steps:
+            out_of_time = tc.max_seconds is not None and done < total_steps and time.perf_counter() - t_start >= tc.max_seconds
+            if W > 1 and tc.max_seconds is not None:  # clocks differ: all processes stop at the same step
+                out_of_time = bool(accelerator.reduce(torch.tensor(int(out_of_time), device=device), "sum").item())
+            if done % tc.log_every == 0 or done == total_steps or out_of_time:
                 sums = accelerator.reduce(torch.stack([p[0] for p in pending]), reduction="sum")
                 loss = float((sums.cpu() / torch.tensor([max(1e-12, p[1]) for p in pending], dtype=torch.float32)).mean())
                 pending.clear()
@@ -446,6 +451,10 @@ def _run_training(
                 stopped = True
                 say(f"stopped at step {done}; continue with --resume")
                 break
+            if out_of_time:
+                stopped_by = "max_seconds"
+                say(f"train.max_seconds={tc.max_seconds:g} reached at step {done} of {total_steps}: finishing the run there")
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -459,7 +468,7 @@ def _run_training(
             _export(accelerator, module, unwrapped, processor, config, run_dir, plan)
         if main:
             atomic_write_json(run_dir / "summary.json", {
-                "steps": total_steps, "samples": samples_seen, "seconds": round(time.perf_counter() - t_start, 2),
+                "steps": done, "planned_steps": total_steps, "stopped_by": stopped_by, "samples": samples_seen, "seconds": round(time.perf_counter() - t_start, 2),
                 "final_loss": last_metrics.get("loss"), "data": report, "skipped_at_load": bad_count,
                 "processes": W, "accumulation": accum, "precision": precision,
                 "feature_cache": cache.enabled})
