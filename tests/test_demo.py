@@ -35,8 +35,21 @@ def test_quick_demo_runs_every_step_and_reuses_them(tmp_path: Path, capsys) -> N
     for name in ("world/train.jsonl", "world/test.jsonl", "backbones/clip/config.json", "backbones/lm/config.json",
                  "data/stage1.json", "data/instruct.json", "model/config.json"):
         assert (out / name).is_file(), name
+    kinds = {r.get("kind") for r in json.loads((out / "data" / "instruct.json").read_text())}
+    assert {"conversation", "detail", "complex", "toy-vqa", "toy-scienceqa", "named-object"} <= kinds, kinds
     printed = capsys.readouterr().out
     assert "toy-vqa" in printed and "assistant:" in printed
+    # the binding gauge asks toy-vqa's own colour and shape questions about the multi-object scenes
+    from vitune.eval.toy import vqa_items
+    from vitune.world.binding import binding_attention
+    from vitune.world.scene import read_scenes
+
+    crowded = {s.image for s in read_scenes(out / "world" / "test.jsonl") if len(s.instances) > 1}
+    asked = [i.fields["type"] for i in vqa_items(out / "world", "test", seed=0) if i.fields["image"] in crowded]
+    gauge = binding_attention(out / "stage2" / "model", out / "world", scenes=100)
+    assert {t: g["n"] for t, g in gauge.items()} == {t: asked.count(t) for t in ("color", "shape") if t in asked}
+    for g in gauge.values():
+        assert all(0.0 <= g[k] <= 1.0 for k in ("first_layer_on_object_words", "last_layer_on_named_object", "last_layer_on_best_other"))
     # a rerun reuses every finished step
     again = Demo(config).run()
     assert "reused" in capsys.readouterr().out
@@ -109,3 +122,27 @@ def test_demo_cli_passes_seed_and_out(monkeypatch, tmp_path: Path) -> None:
     main(["demo", "--preset", "quick", "--seed", "3", "--out", str(tmp_path / "d"), "--fresh"])
     assert (seen["config"].seed, seen["config"].out, seen["fresh"]) == (3, str(tmp_path / "d"), True)
     assert seen["config"].backbone_preset == PRESETS["quick"].backbone_preset
+
+
+def test_named_object_samples_are_text_only_and_answered_by_their_own_words() -> None:
+    from vitune.demo import named_object_samples
+    from vitune.world.questions import SHORT_ANSWER_SUFFIX
+    from vitune.world.scene import COLORS, SHAPES
+
+    records = named_object_samples(50, 4, seed=0)
+    assert len(records) == 50 and records == named_object_samples(50, 4, seed=0) != named_object_samples(50, 4, seed=1)
+    answers = []
+    for r in records:
+        assert "image" not in r and r["kind"] == "named-object"
+        turns = r["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 4
+        for q, a in zip(turns[::2], turns[1::2]):
+            assert "<image>" not in q["value"] and q["value"].endswith("\n" + SHORT_ANSWER_SUFFIX)
+            words = q["value"].lower().replace("?", "").split()
+            # the answer is the question's own colour or shape word, and the question names both
+            assert a["value"] in words and {w for w in words if w in COLORS} and {w for w in words if w in SHAPES}
+            answers.append(a["value"])
+    assert {a for a in answers if a in COLORS} and {a for a in answers if a in SHAPES}
+    assert named_object_samples(0, 4, seed=0) == []
+    with pytest.raises(VituneError, match="named-object samples"):
+        named_object_samples(3, 0, seed=0)

@@ -7,9 +7,10 @@ initialisation and the training order):
   conversation-only  \\
   detail-only         > the teacher data of one kind only, as many samples as the three kinds together
   complex-only       /
-The benchmark-format share of stage 2 (short-answer and multiple-choice questions) and every
-training setting stay as in the demo (but stage 2 runs its planned 7 epochs, not until the demo's
-time budget), so the variants differ only in what the ablation names.
+The benchmark-format share of stage 2 (short-answer and multiple-choice questions, the text-only
+named-object questions) and every training setting stay as in the demo (but stage 2 runs its
+planned 7 epochs, not until the demo's time budget), so the variants differ only in what the
+ablation names.
 Writes runs/ablations/results.json: mean and standard deviation per variant and task.
 """
 

@@ -57,6 +57,13 @@ class DemoConfig:
     vqa_scenes: int = 6000
     vqa_per_type: dict[str, int] = field(default_factory=dict)  # questions per type and sample (1 for types not named)
     mc_scenes: int = 0
+    # Text-only samples of questions that name their object in full ("What color is the red
+    # circle?" -> "red"; `named_object_questions`), `named_turns` per sample. They teach the LM's
+    # answer position to read the question's object words, which stage 2 otherwise learns late or
+    # not at all: on backbones whose stage 2 had not bound colour or shape after 900 steps (toy-vqa
+    # 0.587, 0.568 at two seeds), 1,000 of them (11% of stage 2's tokens) gave 0.791.
+    named_samples: int = 1000
+    named_turns: int = 6
     stage1: bool = True  # False: straight to instruction tuning from a fresh projector (an ablation)
     stage1_overrides: list[str] = field(default_factory=list)
     stage2_overrides: list[str] = field(default_factory=list)
@@ -77,7 +84,7 @@ PRESETS: dict[str, DemoConfig] = {
     # seconds, for the test suite: every step runs, nothing is expected to be learned well
     "quick": DemoConfig(
         out="runs/demo-quick", scenes=120, eval_scenes=12, backbone_preset="quick", backbone_seconds=8.0,
-        mix={"conversation": 60, "detail": 20, "complex": 20}, vqa_scenes=60, mc_scenes=30,
+        mix={"conversation": 60, "detail": 20, "complex": 20}, vqa_scenes=60, mc_scenes=30, named_samples=20,
         stage1_overrides=["train.epochs=1"], stage2_overrides=["train.epochs=1", "train.compile=false"], eval_limit=6, eval_batch_size=8,
     ),
 }
@@ -125,8 +132,9 @@ class Demo:
         kinds = dict(summary.per_kind)
         vqa = benchmark_format_samples(self.world, "toy-vqa", self.c.vqa_scenes, self.c.seed, self.c.vqa_per_type)
         mc = benchmark_format_samples(self.world, "toy-scienceqa", self.c.mc_scenes, self.c.seed)
-        kinds.update({"vqa": len(vqa), "multiple-choice": len(mc)})
-        mixed = records + vqa + mc
+        named = named_object_samples(self.c.named_samples, self.c.named_turns, self.c.seed)
+        kinds.update({"vqa": len(vqa), "multiple-choice": len(mc), "named-object": len(named)})
+        mixed = records + vqa + mc + named
         random.Random(self.c.seed).shuffle(mixed)
         atomic_write_json(self.data / "instruct.json", mixed, indent=None)
         listing = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
@@ -281,6 +289,23 @@ def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int, per
         for k, (question, answer) in enumerate(pairs):
             turns += [{"from": "human", "value": f"{IMAGE_MARKER}\n{question}" if k == 0 else question}, {"from": "gpt", "value": answer}]
         records.append({"id": f"{task}-{Path(image).stem}", "image": image, "conversations": turns, "kind": task})
+    return records
+
+
+def named_object_samples(samples: int, turns: int, seed: int) -> list[dict]:
+    """LLaVA records without an image, each `turns` short-answer questions that name their object
+    (`vitune.world.questions.named_object_questions`), in the toy tasks' short-answer format."""
+    from vitune.world.questions import SHORT_ANSWER_SUFFIX, named_object_questions
+
+    if samples < 0 or turns < 1:
+        raise VituneError(f"named-object samples: want samples >= 0 and turns >= 1 (got {samples}, {turns})")
+    rng = random.Random(f"named-object:{seed}")
+    records = []
+    for k in range(samples):
+        conversation = []
+        for q in named_object_questions(rng, turns):
+            conversation += [{"from": "human", "value": f"{q.question}\n{SHORT_ANSWER_SUFFIX}"}, {"from": "gpt", "value": q.answer}]
+        records.append({"id": f"named-object-{k}", "conversations": conversation, "kind": "named-object"})
     return records
 
 

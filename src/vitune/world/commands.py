@@ -1,4 +1,4 @@
-"""`vitune world render` and `vitune world backbones`: the synthetic world's command line."""
+"""`vitune world render`, `vitune world backbones`, `vitune world binding`: the synthetic world's command line."""
 
 from __future__ import annotations
 
@@ -36,6 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backbones.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     backbones.set_defaults(func=_backbones)
 
+    binding = sub.add_parser(
+        "binding", help="where a trained model's attention goes when it answers about one object among several"
+    )
+    binding.add_argument("--model", type=Path, required=True, help="a trained model directory (e.g. runs/demo/stage2/model)")
+    binding.add_argument("--world", type=Path, required=True, help="the world it was trained on")
+    binding.add_argument("--split", default="test", help="scenes to ask about (default test)")
+    binding.add_argument("--scenes", type=int, default=150, help="how many of them (default 150)")
+    binding.set_defaults(func=_binding)
+
 
 def _render(args: argparse.Namespace) -> int:
     from vitune.world.render import render_world
@@ -50,4 +59,11 @@ def _backbones(args: argparse.Namespace) -> int:
 
     report = make_backbones(args.world, args.out, preset=args.preset, seconds=args.seconds, seed=args.seed, steps=parse_steps(args.steps))
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _binding(args: argparse.Namespace) -> int:
+    from vitune.world.binding import binding_attention
+
+    print(json.dumps(binding_attention(args.model, args.world, args.split, args.scenes), indent=2))
     return 0
