@@ -30,7 +30,7 @@ test: install browser
 demo: install
 	$(BIN)/vitune demo $(DEMO_ARGS)
 
-# The paper's ablations at toy scale, 3 seeds each (long: about 70 minutes on 2 cores).
+# The paper's ablations at toy scale, 3 seeds each (long: about 90 minutes on 2 cores).
 ablations: install
 	$(BIN)/vitune ablations
 
