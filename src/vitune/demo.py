@@ -61,7 +61,8 @@ class DemoConfig:
     # circle?" -> "red"; `named_object_questions`), `named_turns` per sample. They teach the LM's
     # answer position to read the question's object words, which stage 2 otherwise learns late or
     # not at all: on backbones whose stage 2 had not bound colour or shape after 900 steps (toy-vqa
-    # 0.587, 0.568 at two seeds), 1,000 of them (11% of stage 2's tokens) gave 0.791.
+    # 0.587, 0.568 at two seeds), 1,000 of them (11% of stage 2's tokens) gave 0.791, 0.711; the
+    # full runs with them (new backbones each) gave 0.607 and 0.637, so they help, not guarantee.
     named_samples: int = 1000
     named_turns: int = 6
     stage1: bool = True  # False: straight to instruction tuning from a fresh projector (an ablation)
