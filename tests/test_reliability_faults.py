@@ -42,10 +42,12 @@ class PaidGate:
         self.open = threading.Event()
         self.open.set()
         self.epoch = 0
+        self.entered = 0  # calls so far: the server has handed every request it read to the gate
         self.paid: list[str] = []
 
     def __call__(self, body: dict) -> Any:
         with self.lock:
+            self.entered += 1
             epoch, delay = self.epoch, self.rng.uniform(0, self.max_delay_s)
         time.sleep(delay)
         while True:
@@ -75,9 +77,27 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def kill_repeatedly(cmd: list[str], gate: PaidGate, persisted: Callable[[], int], thresholds: list[int]) -> list[int]:
+def settle(server: FakeOpenAI, gate: PaidGate, quiet_s: float = 0.5, timeout_s: float = 20) -> None:
+    """Wait until the server has read every request a killed client sent and handed it to the
+    (closed) gate: a request still in the socket buffer when the gate reopens would take the new
+    epoch and be paid for a client that is gone (seen under load: 17 paid, 15 on disk)."""
+    deadline = time.monotonic() + timeout_s
+    seen, since = -1, time.monotonic()
+    while True:
+        n = server.request_count
+        if n != seen:
+            seen, since = n, time.monotonic()
+        elif time.monotonic() - since >= quiet_s and gate.entered >= n:
+            return
+        assert time.monotonic() < deadline, "the server kept receiving requests after the client was killed"
+        time.sleep(0.02)
+
+
+def kill_repeatedly(cmd: list[str], gate: PaidGate, persisted: Callable[[], int], thresholds: list[int],
+                    server: FakeOpenAI) -> list[int]:
     """Start `cmd` once per threshold; when that many replies are paid in all, close the gate, wait
-    until all paid replies are persisted, SIGKILL. Returns the paid count at each kill."""
+    until all paid replies are persisted, SIGKILL, and let the killed client's last requests reach
+    the closed gate. Returns the paid count at each kill."""
     killed_at = []
     for k in thresholds:
         proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -92,6 +112,7 @@ def kill_repeatedly(cmd: list[str], gate: PaidGate, persisted: Callable[[], int]
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             assert proc.returncode == -signal.SIGKILL
+            settle(server, gate)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -157,7 +178,7 @@ def run_datagen_with_kills(tmp_path: Path, scenes: int, kills: int, seed: int) -
     out, cache = tmp_path / "out.json", tmp_path / "cache"
     with FakeOpenAI(reply=gate) as server:
         cmd = [sys.executable, "-m", "vitune.datagen", *datagen_args(server.base_url, ann, out, cache)]
-        killed_at = kill_repeatedly(cmd, gate, lambda: cache_files(cache), thresholds)
+        killed_at = kill_repeatedly(cmd, gate, lambda: cache_files(cache), thresholds, server)
         assert not out.exists(), "the output is written once, whole, at the end"
         final = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stderr[-3000:]
@@ -244,7 +265,7 @@ def run_eval_with_kills(tmp_path: Path, questions: int, kills: int, seed: int) -
     out = tmp_path / "answers.jsonl"
     with FakeOpenAI(reply=gate) as server:
         cmd = [sys.executable, "-m", "vitune.cli", *eval_args(server.base_url, qfile, out)]
-        killed_at = kill_repeatedly(cmd, gate, lambda: log_lines(out), sorted(rng.sample(range(1, questions - 1), kills)))
+        killed_at = kill_repeatedly(cmd, gate, lambda: log_lines(out), sorted(rng.sample(range(1, questions - 1), kills)), server)
         before_final = len(gate.paid)
         final = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stderr[-3000:]
