@@ -296,7 +296,7 @@ def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int, per
 def named_object_samples(samples: int, turns: int, seed: int) -> list[dict]:
     """LLaVA records without an image, each `turns` short-answer questions that name their object
     (`vitune.world.questions.named_object_questions`), in the toy tasks' short-answer format."""
-    from vitune.world.questions import SHORT_ANSWER_SUFFIX, named_object_questions
+    from vitune.world.questions import named_object_questions
 
     if samples < 0 or turns < 1:
         raise VituneError(f"named-object samples: want samples >= 0 and turns >= 1 (got {samples}, {turns})")
@@ -305,7 +305,7 @@ def named_object_samples(samples: int, turns: int, seed: int) -> list[dict]:
     for k in range(samples):
         conversation = []
         for q in named_object_questions(rng, turns):
-            conversation += [{"from": "human", "value": f"{q.question}\n{SHORT_ANSWER_SUFFIX}"}, {"from": "gpt", "value": q.answer}]
+            conversation += [{"from": "human", "value": q.short_answer_prompt}, {"from": "gpt", "value": q.answer}]
         records.append({"id": f"named-object-{k}", "conversations": conversation, "kind": "named-object"})
     return records
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 from vitune.datagen.parse import Turn
 from vitune.world.questions import (
-    SHORT_ANSWER_SUFFIX,
     Question,
     plural,
     referring,
@@ -357,7 +356,7 @@ def conversation(scene: Scene, rng: random.Random) -> RulesSample:
     for q in short:
         if rng.random() < SUFFIX_PROBABILITY:
             facts, hyp = _short_answer_facts(q, scene)
-            items.append((f"{q.question}\n{SHORT_ANSWER_SUFFIX}", q.answer, facts, hyp))
+            items.append((q.short_answer_prompt, q.answer, facts, hyp))
         else:
             text, facts, hyp = _natural_answer(q, scene, rng)
             items.append((q.question, text, facts, hyp))

@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,17 +118,24 @@ def normalize_answer(text: str) -> str:
     return _NUMBER_WORDS.get(t, t)
 
 
+def vqa_questions(
+    world: str | Path, split: str = DEFAULT_SPLIT, limit: int | None = None, seed: int = 0, per_type: int | Mapping[str, int] = 1,
+) -> Iterator[tuple[Scene, list[Question]]]:
+    """Each scene of the split with the short-answer questions toy-vqa asks about it."""
+    for scene in load_scenes(world, split, limit):
+        yield scene, short_answer_questions(scene, scene_rng("toy-vqa", seed, scene), per_type=per_type)
+
+
 def vqa_items(
     world: str | Path, split: str = DEFAULT_SPLIT, limit: int | None = None, seed: int = 0, per_type: int | Mapping[str, int] = 1,
 ) -> list[EvalItem]:
     items = []
-    for scene in load_scenes(world, split, limit):
-        rng = scene_rng("toy-vqa", seed, scene)
-        for k, q in enumerate(short_answer_questions(scene, rng, per_type=per_type)):
+    for scene, questions in vqa_questions(world, split, limit, seed, per_type):
+        for k, q in enumerate(questions):
             items.append(
                 EvalItem(
                     question_id=f"{scene.id}:{k}",
-                    prompt=f"<image>\n{q.question}\n{SHORT_ANSWER_SUFFIX}",
+                    prompt=f"<image>\n{q.short_answer_prompt}",
                     images=(scene_image(world, scene),),
                     fields={"type": q.type, "answer": q.answer, "image": scene.image},
                 )

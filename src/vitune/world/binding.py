@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from vitune.errors import VituneError
-from vitune.world.questions import SHORT_ANSWER_SUFFIX, referring_phrase, short_answer_questions
-from vitune.world.scene import COLORS, SHAPES, SIZES, Instance, read_scenes
+from vitune.world.questions import referring_phrase
+from vitune.world.scene import COLORS, SHAPES, SIZES, Instance
 
 GAUGED_TYPES: tuple[str, ...] = ("color", "shape")
 
@@ -37,7 +37,7 @@ def binding_attention(model_dir: str | Path, world: str | Path, split: str = "te
     `split`, with the questions toy-vqa asks (`seed` as its seed)."""
     from PIL import Image
 
-    from vitune.eval.toy import scene_rng
+    from vitune.eval.toy import vqa_questions
     from vitune.inference import Pipeline
 
     world = Path(world)
@@ -50,10 +50,10 @@ def binding_attention(model_dir: str | Path, world: str | Path, split: str = "te
         raise VituneError(f"{model_dir}: {n_tokens} image tokens are not a square grid; the gauge maps objects to grid cells")
     words = set(COLORS) | set(SHAPES) | set(SIZES)
     sums = {t: [0.0, 0.0, 0.0, 0] for t in GAUGED_TYPES}
-    for scene in list(read_scenes(world / f"{split}.jsonl"))[:scenes]:
+    for scene, questions in vqa_questions(world, split, scenes, seed):
         if len(scene.instances) < 2:
             continue
-        for q in short_answer_questions(scene, scene_rng("toy-vqa", seed, scene)):  # toy-vqa's draws, all types
+        for q in questions:
             if q.type not in GAUGED_TYPES:
                 continue
             named = [i for i in scene.instances
@@ -63,7 +63,7 @@ def binding_attention(model_dir: str | Path, world: str | Path, split: str = "te
             target = _token_of(named[0], grid)
             others = {_token_of(o, grid) for o in scene.instances if o is not named[0]} - {target}
             image = Image.open(world / scene.image).convert("RGB")
-            ids, pixels = processor.encode_prompt([{"role": "user", "content": f"<image>\n{q.question}\n{SHORT_ANSWER_SUFFIX}"}], [image])
+            ids, pixels = processor.encode_prompt([{"role": "user", "content": f"<image>\n{q.short_answer_prompt}"}], [image])
             input_ids = torch.tensor([ids])
             with torch.no_grad():
                 attentions = model(input_ids, pixel_values=pixels, output_attentions=True).attentions

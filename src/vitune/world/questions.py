@@ -105,6 +105,11 @@ class Question:
     subject: str = field(default="", compare=False)
     other: str = field(default="", compare=False)
 
+    @property
+    def short_answer_prompt(self) -> str:
+        """The question in the short-answer format (LLaVA-1.5's VQA format) that toy-vqa asks."""
+        return f"{self.question}\n{SHORT_ANSWER_SUFFIX}"
+
 
 def chance_level(question_type: str) -> float:
     """Accuracy of guessing uniformly from the type's answer set (existence 0.5, colour 1/6, ...)."""
