@@ -111,6 +111,27 @@ def test_benchmark_format_samples_mix_the_question_order(tmp_path: Path) -> None
     assert len(more) == 60 and relation_turns(more) > 1.5 * relation_turns(records)
     with pytest.raises(VituneError, match="toy-vqa setting"):
         benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 60, seed=0, per_type={"relation": 3})
+    # DemoConfig.later_turns: the short-answer instruction on each sample's first turn only ("bare"),
+    # and the later turns answered in a sentence that starts with the subject ("sentence")
+    from vitune.world.questions import SHORT_ANSWER_SUFFIX
+
+    bare = benchmark_format_samples(tmp_path / "w", "toy-vqa", 60, seed=0, later_turns="bare")
+    sentence = benchmark_format_samples(tmp_path / "w", "toy-vqa", 60, seed=0, later_turns="sentence")
+    assert len(bare) == len(sentence) == len(records)
+    for b, s_, full in zip(bare, sentence, records):
+        a, c, f = b["conversations"], s_["conversations"], full["conversations"]
+        assert a[:2] == c[:2] == f[:2] and a[0]["value"].endswith("\n" + SHORT_ANSWER_SUFFIX)
+        assert [t["value"] + "\n" + SHORT_ANSWER_SUFFIX for t in a[2::2]] == [t["value"] for t in f[2::2]]
+        assert a[3::2] == f[3::2] and a[2::2] == c[2::2]
+        for question, short, long in zip(f[2::2], f[3::2], c[3::2]):
+            kind = types[question["value"]]
+            assert long["value"].endswith(".") and long["value"] != short["value"]
+            if kind in ("color", "shape", "position", "relation"):  # the answer's words, after the subject
+                assert short["value"] in long["value"] and long["value"].startswith("The "), (question, long)
+    with pytest.raises(VituneError, match="later_turns"):
+        benchmark_format_samples(tmp_path / "w", "toy-vqa", 60, seed=0, later_turns="long")
+    with pytest.raises(VituneError, match="toy-vqa settings"):
+        benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 60, seed=0, later_turns="bare")
 
 
 def test_demo_cli_passes_seed_and_out(monkeypatch, tmp_path: Path) -> None:
@@ -144,5 +165,21 @@ def test_named_object_samples_are_text_only_and_answered_by_their_own_words() ->
             answers.append(a["value"])
     assert {a for a in answers if a in COLORS} and {a for a in answers if a in SHAPES}
     assert named_object_samples(0, 4, seed=0) == []
+    bare = named_object_samples(50, 4, seed=0, later_turns="bare")
+    assert [t["value"] for r in bare for t in r["conversations"][2::2]] == [
+        t["value"].removesuffix("\n" + SHORT_ANSWER_SUFFIX) for r in records for t in r["conversations"][2::2]]
+    assert [r["conversations"][:2] for r in bare] == [r["conversations"][:2] for r in records]
+    sentence = named_object_samples(50, 4, seed=0, later_turns="sentence")
+    for r, full in zip(sentence, records):
+        for long, short in zip(r["conversations"][3::2], full["conversations"][3::2]):
+            assert long["value"].startswith("The ") and long["value"].endswith(f" {short['value']}.") or f"a {short['value']}." in long["value"]
     with pytest.raises(VituneError, match="named-object samples"):
         named_object_samples(3, 0, seed=0)
+    # the "object" kind asks the whole phrase back: both words of the question, in its order
+    mixed = named_object_samples(60, 4, seed=0, kinds=("color", "shape", "object"))
+    phrases = [(q["value"].lower(), a["value"]) for r in mixed for q, a in zip(r["conversations"][::2], r["conversations"][1::2])
+               if " " in a["value"]]
+    assert phrases and all(f"{a} " in q or f"{a}?" in q or f"{a}." in q for q, a in phrases), phrases[:3]
+    assert all(a.split()[0] in COLORS and a.split()[1] in SHAPES for _, a in phrases)
+    with pytest.raises(VituneError, match="named-object question kinds"):
+        named_object_samples(3, 2, seed=0, kinds=("size",))

@@ -20,13 +20,16 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitune.errors import VituneError
 from vitune.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from vitune.world.questions import Question
 
 STEPS = ("world", "backbones", "data", "build", "stage1", "stage2", "eval", "chat")
 EVAL_TASKS = ("toy-vqa", "toy-scienceqa", "toy-bench")
@@ -65,6 +68,14 @@ class DemoConfig:
     # full runs with them (new backbones each) gave 0.607 and 0.637, so they help, not guarantee.
     named_samples: int = 1000
     named_turns: int = 6
+    named_kinds: tuple[str, ...] = ("color", "shape")  # `questions.named_object_questions`'s kinds
+    # The turns after the first of a multi-turn short-answer sample (the first always carries the
+    # short-answer instruction): "short" with the instruction, as LLaVA-1.5's VQA data; "bare"
+    # without it (the instruction is ~40 % of such a turn's tokens); "sentence" without it and
+    # answered in a sentence that names the subject first ("The circle is red."). Stage 2 alone
+    # for 450 s: "bare" ran 855 steps to "short"'s 654 at the same toy-vqa (0.530, 0.529), and
+    # stage 2 is short of steps: 1,584 "bare" steps on the same backbones gave 0.867.
+    later_turns: str = "bare"
     stage1: bool = True  # False: straight to instruction tuning from a fresh projector (an ablation)
     stage1_overrides: list[str] = field(default_factory=list)
     stage2_overrides: list[str] = field(default_factory=list)
@@ -131,9 +142,10 @@ class Demo:
         jobs = plan_jobs(scenes, list(self.c.mix), self.c.mix, self.c.seed)
         records, summary = generate_dataset(teacher, jobs, self.data / "teacher.json", self.data / "teacher.quarantine.jsonl")
         kinds = dict(summary.per_kind)
-        vqa = benchmark_format_samples(self.world, "toy-vqa", self.c.vqa_scenes, self.c.seed, self.c.vqa_per_type)
+        later = self.c.later_turns
+        vqa = benchmark_format_samples(self.world, "toy-vqa", self.c.vqa_scenes, self.c.seed, self.c.vqa_per_type, later)
         mc = benchmark_format_samples(self.world, "toy-scienceqa", self.c.mc_scenes, self.c.seed)
-        named = named_object_samples(self.c.named_samples, self.c.named_turns, self.c.seed)
+        named = named_object_samples(self.c.named_samples, self.c.named_turns, self.c.seed, later, self.c.named_kinds)
         kinds.update({"vqa": len(vqa), "multiple-choice": len(mc), "named-object": len(named)})
         mixed = records + vqa + mc + named
         random.Random(self.c.seed).shuffle(mixed)
@@ -261,31 +273,60 @@ class Demo:
         return metrics
 
 
-def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int, per_type: dict[str, int] | None = None) -> list[dict]:
+LATER_TURNS = ("short", "bare", "sentence")
+
+
+def _later_turn(q: Question, later_turns: str) -> tuple[str, str]:
+    """(question, answer) of a short-answer question asked after a sample's first turn."""
+    from vitune.world.corpus import sentence_answer
+
+    if later_turns == "short":
+        return q.short_answer_prompt, q.answer
+    if later_turns == "bare":
+        return q.question, q.answer
+    return q.question, sentence_answer(q)
+
+
+def _check_later_turns(later_turns: str) -> None:
+    if later_turns not in LATER_TURNS:
+        raise VituneError(f"later_turns: want one of {', '.join(LATER_TURNS)} (got {later_turns!r})")
+
+
+def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int, per_type: dict[str, int] | None = None,
+                             later_turns: str = "short") -> list[dict]:
     """LLaVA records of a toy task's questions on training scenes, one multi-turn sample per image
-    (none for `scenes=0`); `per_type`: questions per type for `toy-vqa` (one each by default)."""
-    from vitune.eval.toy import task_items, vqa_items
+    (none for `scenes=0`); `per_type`: questions per type for `toy-vqa` (one each by default).
+    `later_turns` (toy-vqa): how the turns after the first are asked, see `DemoConfig.later_turns`."""
+    from vitune.eval.toy import task_items, vqa_questions
     from vitune.templates import IMAGE_MARKER
 
-    if per_type and task != "toy-vqa":
-        raise VituneError(f"questions per type are a toy-vqa setting, not one of {task}")
+    _check_later_turns(later_turns)
+    if (per_type or later_turns != "short") and task != "toy-vqa":
+        raise VituneError(f"questions per type and later_turns are toy-vqa settings, not ones of {task}")
     if scenes <= 0:
         return []
 
-    by_image: dict[str, list[tuple[str, str]]] = {}
-    if per_type:
-        items = vqa_items(world, "train", scenes, seed, per_type)
-    else:
-        items = task_items(task, world, split="train", limit=scenes, seed=seed)
-    for item in items:
-        question = item.prompt.replace(IMAGE_MARKER + "\n", "", 1)
-        by_image.setdefault(str(item.images[0].relative_to(world)), []).append((question, str(item.fields["answer"])))
     rng = random.Random(f"{task}:{seed}")
+    by_image: list[tuple[str, list[tuple[str, str]]]] = []
+    if task == "toy-vqa":
+        for scene, questions in vqa_questions(world, "train", scenes, seed, per_type or 1):
+            # The task lists one image's questions in type order; kept in that order, the model
+            # learns to answer by turn number (every first turn a colour) instead of reading the question.
+            rng.shuffle(questions)
+            pairs = [(q.short_answer_prompt, q.answer) if k == 0 else _later_turn(q, later_turns) for k, q in enumerate(questions)]
+            by_image.append((scene.image, pairs))
+    else:
+        grouped: dict[str, list[tuple[str, str]]] = {}
+        for item in task_items(task, world, split="train", limit=scenes, seed=seed):
+            question = item.prompt.replace(IMAGE_MARKER + "\n", "", 1)
+            grouped.setdefault(str(item.images[0].relative_to(world)), []).append((question, str(item.fields["answer"])))
+        for image, pairs in grouped.items():
+            rng.shuffle(pairs)
+            by_image.append((image, pairs))
     records = []
-    for image, pairs in by_image.items():
-        # The task lists one image's questions in type order; kept in that order, the model learns
-        # to answer by turn number (every first turn a colour) instead of reading the question.
-        rng.shuffle(pairs)
+    for image, pairs in by_image:
+        if not pairs:
+            continue
         turns = []
         for k, (question, answer) in enumerate(pairs):
             turns += [{"from": "human", "value": f"{IMAGE_MARKER}\n{question}" if k == 0 else question}, {"from": "gpt", "value": answer}]
@@ -293,19 +334,23 @@ def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int, per
     return records
 
 
-def named_object_samples(samples: int, turns: int, seed: int) -> list[dict]:
+def named_object_samples(samples: int, turns: int, seed: int, later_turns: str = "short",
+                         kinds: Sequence[str] = ("color", "shape")) -> list[dict]:
     """LLaVA records without an image, each `turns` short-answer questions that name their object
-    (`vitune.world.questions.named_object_questions`), in the toy tasks' short-answer format."""
+    (`vitune.world.questions.named_object_questions`), in the toy tasks' short-answer format;
+    `later_turns`: how the turns after the first are asked (`DemoConfig.later_turns`)."""
     from vitune.world.questions import named_object_questions
 
+    _check_later_turns(later_turns)
     if samples < 0 or turns < 1:
         raise VituneError(f"named-object samples: want samples >= 0 and turns >= 1 (got {samples}, {turns})")
     rng = random.Random(f"named-object:{seed}")
     records = []
     for k in range(samples):
         conversation = []
-        for q in named_object_questions(rng, turns):
-            conversation += [{"from": "human", "value": q.short_answer_prompt}, {"from": "gpt", "value": q.answer}]
+        for i, q in enumerate(named_object_questions(rng, turns, kinds)):
+            prompt, answer = (q.short_answer_prompt, q.answer) if i == 0 else _later_turn(q, later_turns)
+            conversation += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
         records.append({"id": f"named-object-{k}", "conversations": conversation, "kind": "named-object"})
     return records
 

@@ -334,7 +334,16 @@ def short_answer_questions(
     return out
 
 
-def named_object_questions(rng: random.Random, count: int) -> list[Question]:
+# Questions that ask for the whole object phrase back (`named_object_questions`'s "object" kind).
+_OBJECT_TEMPLATES: tuple[str, ...] = (
+    "What are the color and shape of {x}?",
+    "Which color and shape does {x} have?",
+    "Name the color and the shape of {x}.",
+)
+NAMED_KINDS: tuple[str, ...] = ("color", "shape", "object")
+
+
+def named_object_questions(rng: random.Random, count: int, kinds: Sequence[str] = ("color", "shape")) -> list[Question]:
     """`count` colour and shape questions about an object that the question itself names in full
     ("What color is the small red circle?" -> "red"), in the toy tasks' phrasings: answerable from
     the text alone, with no image.
@@ -344,13 +353,26 @@ def named_object_questions(rng: random.Random, count: int) -> list[Question]:
     the two look-ups every image question needs (the second finds the image token that holds that
     object). Measured on the demo's stage 2, a model that could not bind ("what color is the
     circle?" answered from the whole image) had no first-layer head on the question's object words
-    (0.00-0.07 of the answer position's attention) and learned one (0.98) with these samples."""
+    (0.00-0.07 of the answer position's attention) and learned one (0.98) with these samples.
+
+    `kinds` draws from "color", "shape" and "object" ("What are the color and shape of the red
+    circle?" -> "red circle"): a colour question is answered by copying the colour word, so the
+    head it grows may read only the asked-for word, while an image question ("What color is the
+    circle?") needs the other one; the whole phrase asked back needs a head that reads both."""
+    if not kinds or any(k not in NAMED_KINDS for k in kinds):
+        raise VituneError(f"named-object question kinds: want some of {', '.join(NAMED_KINDS)} (got {list(kinds)})")
     out = []
     for _ in range(count):
         color, shape = rng.choice(COLORS), rng.choice(SHAPES)
         size = f"{rng.choice(SIZES)} " if rng.random() < 0.3 else ""
-        qtype = rng.choice(("color", "shape"))
-        question = rng.choice(_TEMPLATES[qtype]).format(x=f"the {size}{color} {shape}")
+        qtype = rng.choice(tuple(kinds))
+        subject = f"the {size}{color} {shape}"
+        if qtype == "object":
+            # the choices are the colour-shape pairs (a "question type" of its own, not one toy-vqa asks)
+            pairs = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
+            out.append(Question("object", rng.choice(_OBJECT_TEMPLATES).format(x=subject), f"{color} {shape}", pairs, subject=subject))
+            continue
+        question = rng.choice(_TEMPLATES[qtype]).format(x=subject)
         answer = color if qtype == "color" else shape
-        out.append(Question(qtype, question, answer, COLORS if qtype == "color" else SHAPES, subject=f"the {size}{color} {shape}"))
+        out.append(Question(qtype, question, answer, COLORS if qtype == "color" else SHAPES, subject=subject))
     return out
