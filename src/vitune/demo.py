@@ -276,15 +276,19 @@ class Demo:
 LATER_TURNS = ("short", "bare", "sentence")
 
 
-def _later_turn(q: Question, later_turns: str) -> tuple[str, str]:
-    """(question, answer) of a short-answer question asked after a sample's first turn."""
+def _turn_pairs(questions: Sequence[Question], later_turns: str) -> list[tuple[str, str]]:
+    """(question, answer) per turn of one multi-turn short-answer sample: the first turn in the
+    short-answer format, the later ones as `later_turns` says (`DemoConfig.later_turns`)."""
     from vitune.world.corpus import sentence_answer
 
-    if later_turns == "short":
-        return q.short_answer_prompt, q.answer
-    if later_turns == "bare":
-        return q.question, q.answer
-    return q.question, sentence_answer(q)
+    def later(q: Question) -> tuple[str, str]:
+        if later_turns == "short":
+            return q.short_answer_prompt, q.answer
+        if later_turns == "bare":
+            return q.question, q.answer
+        return q.question, sentence_answer(q)
+
+    return [(q.short_answer_prompt, q.answer) if k == 0 else later(q) for k, q in enumerate(questions)]
 
 
 def _check_later_turns(later_turns: str) -> None:
@@ -313,8 +317,7 @@ def benchmark_format_samples(world: Path, task: str, scenes: int, seed: int, per
             # The task lists one image's questions in type order; kept in that order, the model
             # learns to answer by turn number (every first turn a colour) instead of reading the question.
             rng.shuffle(questions)
-            pairs = [(q.short_answer_prompt, q.answer) if k == 0 else _later_turn(q, later_turns) for k, q in enumerate(questions)]
-            by_image.append((scene.image, pairs))
+            by_image.append((scene.image, _turn_pairs(questions, later_turns)))
     else:
         grouped: dict[str, list[tuple[str, str]]] = {}
         for item in task_items(task, world, split="train", limit=scenes, seed=seed):
@@ -348,8 +351,7 @@ def named_object_samples(samples: int, turns: int, seed: int, later_turns: str =
     records = []
     for k in range(samples):
         conversation = []
-        for i, q in enumerate(named_object_questions(rng, turns, kinds)):
-            prompt, answer = (q.short_answer_prompt, q.answer) if i == 0 else _later_turn(q, later_turns)
+        for prompt, answer in _turn_pairs(named_object_questions(rng, turns, kinds), later_turns):
             conversation += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
         records.append({"id": f"named-object-{k}", "conversations": conversation, "kind": "named-object"})
     return records

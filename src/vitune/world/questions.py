@@ -341,6 +341,8 @@ _OBJECT_TEMPLATES: tuple[str, ...] = (
     "Name the color and the shape of {x}.",
 )
 NAMED_KINDS: tuple[str, ...] = ("color", "shape", "object")
+# its answer set: every colour-shape pair (a "question type" of its own, not one toy-vqa asks)
+_OBJECT_CHOICES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 
 
 def named_object_questions(rng: random.Random, count: int, kinds: Sequence[str] = ("color", "shape")) -> list[Question]:
@@ -368,9 +370,7 @@ def named_object_questions(rng: random.Random, count: int, kinds: Sequence[str] 
         qtype = rng.choice(tuple(kinds))
         subject = f"the {size}{color} {shape}"
         if qtype == "object":
-            # the choices are the colour-shape pairs (a "question type" of its own, not one toy-vqa asks)
-            pairs = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
-            out.append(Question("object", rng.choice(_OBJECT_TEMPLATES).format(x=subject), f"{color} {shape}", pairs, subject=subject))
+            out.append(Question("object", rng.choice(_OBJECT_TEMPLATES).format(x=subject), f"{color} {shape}", _OBJECT_CHOICES, subject=subject))
             continue
         question = rng.choice(_TEMPLATES[qtype]).format(x=subject)
         answer = color if qtype == "color" else shape
