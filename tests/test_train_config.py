@@ -10,7 +10,7 @@ import yaml
 
 from vitune.errors import VituneError
 from vitune.train.config import Config, LoraConfig, config_from_yaml, list_presets, load_config
-from vitune.train.schedule import lr_factor, warmup_steps_for
+from vitune.train.schedule import lr_factor, time_horizon, warmup_steps_for
 
 
 def test_overrides_are_parsed_by_type() -> None:
@@ -102,6 +102,12 @@ def test_cross_field_checks() -> None:
         load_config(None, [*base, "stage.parts.projector=1e-3", "stage.lora.r=4"]).check()
     with pytest.raises(VituneError, match="model.path"):
         load_config(None, ["data.path=d.json", "stage.parts.projector=1e-3"]).check()
+    with pytest.raises(VituneError, match="decay_ratio"):
+        load_config(None, [*base, "stage.parts.projector=1e-3", "optim.schedule=wsd", "optim.decay_ratio=0"]).check()
+    with pytest.raises(VituneError, match="muon_lr_scale"):
+        load_config(None, [*base, "stage.parts.projector=1e-3", "optim.name=muon", "optim.muon_lr_scale=-1"]).check()
+    with pytest.raises(VituneError, match="'adamw', 'muon'"):
+        load_config(None, [*base, "optim.name=sgd"])
     assert isinstance(Config(), Config)
 
 
@@ -122,6 +128,28 @@ def test_schedule_warmup_then_cosine() -> None:
     assert warmup_steps_for(1000, 0.03, warmup_steps=7) == 7
     with pytest.raises(ValueError):
         lr_factor(0, 10, 0, "exponential")
+
+
+def test_schedule_wsd_holds_then_cools_down_over_the_last_share() -> None:
+    f = [lr_factor(s, 100, 5, "wsd", decay_ratio=0.2) for s in range(100)]
+    assert f[:5] == [lr_factor(s, 100, 5) for s in range(5)]  # the same warmup
+    assert f[5:80] == [1.0] * 75  # stable until the last 20 steps
+    assert all(a > b for a, b in zip(f[80:], f[81:], strict=False))  # then falls every step
+    assert f[90] == pytest.approx(0.5) and 0 < f[-1] < 0.1  # linearly, the last step still learning
+    floored = [lr_factor(s, 100, 5, "wsd", min_ratio=0.1, decay_ratio=0.2) for s in range(100)]
+    assert floored[90] == pytest.approx(0.55) and floored[-1] > 0.1
+    # A cool-down longer than the run after warmup starts where warmup ends.
+    short = [lr_factor(s, 10, 4, "wsd", decay_ratio=0.9) for s in range(10)]
+    assert short[3] < 1.0 and short[4] == 1.0 > short[5]
+
+
+def test_time_horizon_is_where_the_time_runs_out() -> None:
+    assert time_horizon(100, 10_000, elapsed=50.0, max_seconds=150.0, steps_per_second=2.0) == 300
+    assert time_horizon(100, 250, elapsed=50.0, max_seconds=150.0, steps_per_second=2.0) == 250  # never past the plan
+    assert time_horizon(100, 10_000, elapsed=160.0, max_seconds=150.0, steps_per_second=2.0) == 101  # out of time: this step ends it
+    # Under wsd the rate then cools down before the time is up.
+    horizon = time_horizon(280, 10_000, elapsed=140.0, max_seconds=150.0, steps_per_second=2.0)
+    assert horizon == 300 and lr_factor(280, horizon, 10, "wsd", decay_ratio=0.2) == pytest.approx(1 / 3)  # 40 of its 60 cool-down steps done
 
 
 def test_cli_lists_presets_and_prints_config(capsys: pytest.CaptureFixture[str]) -> None:

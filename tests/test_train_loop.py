@@ -112,14 +112,18 @@ def test_stage2_model_serves(stage2: Path) -> None:
     assert len(out[0].output_ids) >= 1
 
 
-def test_loss_drops_on_a_fixed_batch(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_loss_drops_on_a_fixed_batch(tiny_model_dir: Path, data_dir: Path, tmp_path: Path, optimizer: str) -> None:
     cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.path={data_dir / 'stage2.json'}", "data.limit=8",
                              "stage.parts.projector=3e-3", "stage.parts.llm=3e-3", "train.batch_size=8",
                              "train.micro_batch_size=8", "train.max_steps=30", "optim.schedule=constant",
-                             f"train.output_dir={tmp_path / 'run'}", *FAST])
-    got = losses(run_training(cfg))
+                             f"optim.name={optimizer}", f"train.output_dir={tmp_path / 'run'}", *FAST])
+    run = run_training(cfg)
+    got = losses(run)
     assert len(got) == 30
     assert got[-1] < 0.5 * got[0], got
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ("lr/llm.muon" in logged) == (optimizer == "muon")
 
 
 def test_lora_trains_adapters_and_projector_and_merges_exactly(stage1: Path, tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -173,11 +177,12 @@ def test_lora_trains_adapters_and_projector_and_merges_exactly(stage1: Path, tin
     assert all(torch.allclose(again[k], merged[k], atol=1e-6) for k in merged)
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_reproduces_the_uninterrupted_losses(tiny_model_dir: Path, data_dir: Path, tmp_path: Path, optimizer: str) -> None:
     common = [f"model.path={tiny_model_dir}", f"data.path={data_dir / 'stage2.json'}", f"data.image_folder={data_dir}",
               "stage.parts.projector=2e-3", "stage.parts.llm=2e-3", "stage.lora=null", "train.batch_size=4",
               "train.micro_batch_size=2", "train.max_steps=6", "optim.warmup_steps=2", "train.save_every=2",
-              "train.keep_last=2", *FAST]
+              "train.keep_last=2", f"optim.name={optimizer}", "optim.muon_lr_scale=2", *FAST]
     full = run_training(load_config(None, [*common, f"train.output_dir={tmp_path / 'full'}"]))
     part_dir = tmp_path / "part"
     cfg = load_config(None, [*common, f"train.output_dir={part_dir}"])
@@ -301,3 +306,17 @@ def test_max_seconds_finishes_the_run_early_with_an_exported_model(tiny_model_di
     assert (run / "model" / "model.safetensors").is_file() and not (run / "checkpoints").exists()
     with pytest.raises(VituneError, match="train.max_seconds must be a positive"):
         load_config(None, [*common, "train.max_seconds=0"]).check()
+
+
+def test_max_seconds_ends_the_schedule_with_the_time(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """A wsd run planned far past its time allowance still cools down before the time is up (here over
+    the whole run, so that even a few steps on a busy machine end well below the peak)."""
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.path={data_dir / 'stage2.json'}", f"data.image_folder={data_dir}",
+                             "stage.parts.projector=2e-3", "stage.parts.llm=2e-3", "train.batch_size=4", "train.micro_batch_size=4",
+                             "train.max_steps=100000", "train.max_seconds=5", "optim.schedule=wsd", "optim.decay_ratio=1",
+                             f"train.output_dir={tmp_path / 'run'}", *FAST])
+    run = run_training(cfg)
+    lrs = [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "max_seconds" and summary["steps"] == len(lrs) >= 4
+    assert lrs[0] == pytest.approx(2e-3) and lrs[-1] < 0.4 * 2e-3, lrs

@@ -2,7 +2,7 @@
 
 One `Config` holds five sections: `model` (what to start from), `data` (what to read and how to
 batch it), `stage` (which parts train at which learning rate, LoRA, the template: what makes a
-run stage 1 or stage 2), `optim` (AdamW and the schedule) and `train` (the loop: batch sizes,
+run stage 1 or stage 2), `optim` (the optimizer, AdamW or Muon, and the schedule) and `train` (the loop: batch sizes,
 steps, precision, logging, checkpoints). Presets are YAML files of the same shape (a preset may
 `inherit:` another and change a few keys); command-line overrides are `section.key=value`, parsed
 by the field's declared type, so `train.cpu=false` is False and `stage.parts.llm=frozen` is data.
@@ -78,11 +78,18 @@ class StageConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw; or muon: Muon for the hidden matrices, AdamW for embeddings, head, norms and biases
+    # (vitune.train.optim). On the world's stage 2, Muon learned to find the object a question names
+    # within ~760 steps where AdamW had not (see the README's demo section).
+    name: Literal["adamw", "muon"] = "adamw"
+    muon_momentum: float = 0.95
+    muon_lr_scale: float = 1.0  # the Muon matrices' lr as a multiple of their part's lr
     weight_decay: float = 0.0  # applied to matrices only (not biases, norms)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 = no clipping
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_ratio: float = 0.2  # wsd: the share of the run spent cooling down linearly to min_lr_ratio
     warmup_ratio: float = 0.03
     warmup_steps: int | None = None  # overrides warmup_ratio
     min_lr_ratio: float = 0.0  # the schedule's floor, as a fraction of each part's lr
@@ -96,8 +103,8 @@ class TrainConfig:
     max_steps: int | None = None  # overrides epochs
     # End the run once this many seconds of training have passed (at a step boundary, on every
     # process together) and finish it as if done: the model is exported and summary.json says
-    # `"stopped_by": "max_seconds"`. The schedule still spans the planned steps, so this suits a
-    # constant schedule (or a generous step plan cut short); for jobs with a wall-clock allowance.
+    # `"stopped_by": "max_seconds"`. The schedule ends with the time: its total is the step the
+    # time will run out at (`schedule.time_horizon`); for jobs with a wall-clock allowance.
     max_seconds: float | None = None
     batch_size: int = 128  # global: micro_batch_size x processes x accumulation
     micro_batch_size: int = 16  # per device and forward pass
@@ -160,6 +167,11 @@ class Config:
             raise VituneError(f"data.max_length {self.data.max_length} is too small")
         if self.data.length_window < 1:
             raise VituneError("data.length_window must be >= 1")
+        if not 0 < self.optim.decay_ratio <= 1:
+            raise VituneError(f"optim.decay_ratio must be in (0, 1], got {self.optim.decay_ratio!r}")
+        if not self.optim.muon_lr_scale > 0 or not 0 <= self.optim.muon_momentum < 1:
+            raise VituneError(f"optim.muon_lr_scale must be > 0 and optim.muon_momentum in [0, 1) "
+                              f"(got {self.optim.muon_lr_scale!r}, {self.optim.muon_momentum!r})")
 
 
 # -- typed construction from plain data ----------------------------------------------------------

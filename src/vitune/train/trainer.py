@@ -31,7 +31,7 @@ import shutil
 import signal
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from vitune.train.config import FROZEN, Config
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+RATE_WINDOW = 32  # steps over which a time-budgeted run measures its step rate
 
 
 # -- small pieces ----------------------------------------------------------------------------------
@@ -180,13 +181,14 @@ def _run_training(
     on_step: Callable[[dict[str, Any]], bool | None] | None,
 ) -> Path:
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 
     from vitune.data.collate import Collator
     from vitune.data.dataset import Quarantine, SupervisedDataset, prepare_data
     from vitune.data.sampler import plan_epoch, rank_micro_batches
     from vitune.train.model_setup import TrainingModule, apply_stage, load_for_training, param_groups, set_train_modes
-    from vitune.train.schedule import lr_factor, warmup_steps_for
+    from vitune.train.optim import build_optimizer
+    from vitune.train.schedule import lr_factor, time_horizon, warmup_steps_for
 
     config.check()
     tc = config.train
@@ -267,8 +269,10 @@ def _run_training(
     oc = config.optim
     groups = param_groups(model, plan, oc.weight_decay)
     fused_ok = precision != "fp16"  # fused AdamW runs on CPU too (torch >= 2.4), several times faster than foreach
-    optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(oc.betas), eps=oc.eps,
-                                  **({"fused": True} if fused_ok else {"foreach": True}))
+    if oc.name == "muon" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise VituneError("optim.name=muon orthogonalises whole weight matrices: it runs on one device or under DDP, "
+                          "not under FSDP or DeepSpeed (use optim.name=adamw there)")
+    optimizer = build_optimizer(oc.name, model, groups, tuple(oc.betas), oc.eps, fused_ok, oc.muon_momentum, oc.muon_lr_scale)
     _configure_deepspeed(accelerator, tc.micro_batch_size, accum, oc.max_grad_norm)
     module, optimizer = accelerator.prepare(module, optimizer)
     unwrapped = accelerator.unwrap_model(module)
@@ -374,9 +378,13 @@ def _run_training(
     stopped_by = None
     done = start_step
     lr_now: dict[str, float] = {}
+    # The schedule's end: the planned steps, or with train.max_seconds the step the time will run
+    # out at, from the step rate over the last RATE_WINDOW steps (compile stalls age out of it).
+    horizon = total_steps
+    clock: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
     try:
         for step, micro_batches, total_weight in step_batches(start_step, total_steps):
-            factor = lr_factor(step, total_steps, warmup, oc.schedule, oc.min_lr_ratio)
+            factor = lr_factor(step, horizon, warmup, oc.schedule, oc.min_lr_ratio, oc.decay_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
                 lr_now[g["name"].split("/")[0]] = g["lr"]
@@ -419,9 +427,16 @@ def _run_training(
             samples_seen += tc.batch_size
             if bar is not None:
                 bar.update(1)
-            out_of_time = tc.max_seconds is not None and done < total_steps and time.perf_counter() - t_start >= tc.max_seconds
-            if W > 1 and tc.max_seconds is not None:  # clocks differ: all processes stop at the same step
-                out_of_time = bool(accelerator.reduce(torch.tensor(int(out_of_time), device=device), "sum").item())
+            out_of_time = False
+            if tc.max_seconds is not None:
+                elapsed = time.perf_counter() - t_start
+                if W > 1:  # clocks differ: every process takes the slowest one's, so all stop and decay together
+                    elapsed = float(accelerator.reduce(torch.tensor(elapsed, device=device, dtype=torch.float64), "max").item())
+                out_of_time = done < total_steps and elapsed >= tc.max_seconds
+                clock.append((elapsed, done))
+                if len(clock) > 1 and clock[-1][0] > clock[0][0]:
+                    rate = (clock[-1][1] - clock[0][1]) / (clock[-1][0] - clock[0][0])
+                    horizon = time_horizon(done, total_steps, elapsed, tc.max_seconds, rate)
             if done % tc.log_every == 0 or done == total_steps or out_of_time:
                 sums = accelerator.reduce(torch.stack([p[0] for p in pending]), reduction="sum")
                 loss = float((sums.cpu() / torch.tensor([max(1e-12, p[1]) for p in pending], dtype=torch.float32)).mean())
