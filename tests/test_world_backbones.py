@@ -11,7 +11,7 @@ import torch
 
 from vitune.errors import VituneError
 from vitune.world.backbones import PRESETS, Budget, _new_lm, chat_examples, chat_tune, load_images, lr_at, make_backbones, normalize, parse_steps
-from vitune.world.corpus import CHAT_ASSISTANT, DETAIL_INSTRUCTIONS, chat, corpus, qa_chats, template_texts
+from vitune.world.corpus import CHAT_ASSISTANT, CHAT_USER, DETAIL_INSTRUCTIONS, chat, corpus, qa_chats, template_texts
 from vitune.world.probes import _continuation_logprobs, box_weights, text_qa
 from vitune.world.questions import QUESTION_TYPES, chance_level
 from vitune.world.render import render_world
@@ -188,12 +188,29 @@ def test_qa_chats_mark_exactly_the_answers(made: tuple[Path, Path, dict]) -> Non
         # the labelled tokens are the answers' tokens (with the space before a word) and nothing else
         assert tok.decode([t for t in labels if t != -100]).replace(" ", "") == "".join(answers).replace(" ", "")
         assert ids[0] == tok.bos_token_id and len(ids) == len(labels) and labels[0] == -100
-    # the corpus's (and text_qa's) chat layout: system prompt, the scene's text, then the turns
+    # the corpus's (and text_qa's) chat layout: the world template's (no system prompt), the scene's text, then the turns
     text, spans = chats[0]
-    system, rest = text.split(" USER: ", 1)
-    context, first = rest.split("\n", 1)
+    assert text.startswith(f"{CHAT_USER} ")
+    context, first = text.removeprefix(f"{CHAT_USER} ").split("\n", 1)
     question = first.split(f" {CHAT_ASSISTANT} ", 1)[0]
-    assert text.startswith(chat(system, context, [(question, text[spans[0][0] : spans[0][1] - len("</s>")])]))
+    assert text.startswith(chat("", context, [(question, text[spans[0][0] : spans[0][1] - len("</s>")])]))
+
+
+def test_the_world_text_chats_in_the_world_models_template() -> None:
+    """The LM reads its chats in the layout the demo's LLaVA will be trained in (the scene's text
+    where the image goes), so stage 2 meets a familiar format."""
+    from types import SimpleNamespace
+
+    from vitune.templates import Message, get_template
+    from vitune.world.corpus import WORLD_TEMPLATE
+
+    turns = [("What color is the circle?", "red"), ("Where is it?", "top left")]
+    messages = [Message("user", "A red circle.\n" + turns[0][0]), Message("assistant", "red"),
+                Message("user", turns[1][0]), Message("assistant", "top left")]
+    tokenizer = SimpleNamespace(bos_token="<s>", eos_token="</s>")
+    rendered = "".join(text for text, _ in get_template(WORLD_TEMPLATE).segments(messages, tokenizer))
+    assert rendered == "<s>" + chat(get_template(WORLD_TEMPLATE).system, "A red circle.", turns)
+    assert rendered.startswith("<s>USER: A red circle.")
 
 
 def test_chat_tuning_learns_the_answers(made: tuple[Path, Path, dict]) -> None:

@@ -155,9 +155,10 @@ class Demo:
 
     def step_build(self) -> dict[str, Any]:
         from vitune.model.build import build_llava
+        from vitune.world.corpus import WORLD_TEMPLATE
 
         model, processor = build_llava(str(self.backbones / "clip"), str(self.backbones / "lm"), projector="mlp2x_gelu",
-                                       template="vicuna_v1", seed=self.c.seed)
+                                       template=WORLD_TEMPLATE, seed=self.c.seed)
         model.save_pretrained(self.model, processor)
         n = sum(p.numel() for p in model.parameters())
         return {"parameters": n, "line": f"{n / 1e6:.2f}M parameters, {model.config.num_image_tokens} image tokens per image"}
