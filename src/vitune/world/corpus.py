@@ -7,8 +7,8 @@ text description standing where the image will later be:
 - short-answer questions from `vitune.world.questions` (colour, shape, count, position,
   existence, relation; yes/no, numbers), answered in a word or in a sentence (`conversation`);
 - step-by-step reasoning: counting after a change, comparing places (`complex`);
-all in the chat layout of WORLD_TEMPLATE (vicuna_v1's, no system prompt), plus the system prompts and instruction
-phrasings of every template, so the tokenizer has words for them.
+all in the chat layout of WORLD_TEMPLATE (vicuna_v1's without a system prompt), plus the system
+prompts and instruction phrasings of every template, so the tokenizer has words for them.
 
 `qa_chats` is the chat-tuning set (Vicuna's conversations, here about a scene's text): each
 answer's span is marked, since that phase learns from the answers only.
@@ -165,11 +165,14 @@ def reasoning(scene: Scene, rng: random.Random) -> tuple[str, str]:
     return q, a
 
 
+def _system_head(system: str) -> str:
+    return f"{system} " if system else ""  # vicuna_v1's "{system} USER: ..."; nothing without one
+
+
 def chat(system: str, context: str, turns: Sequence[tuple[str, str]]) -> str:
     """A conversation in the vicuna_v1 layout (no system prompt when `system` is empty, as in the
     world's WORLD_TEMPLATE), the scene's text where the image will go."""
-    head = f"{system} " if system else ""
-    parts = [f"{head}{CHAT_USER} {context}\n{turns[0][0]} {CHAT_ASSISTANT} {turns[0][1]}</s>"]
+    parts = [f"{_system_head(system)}{CHAT_USER} {context}\n{turns[0][0]} {CHAT_ASSISTANT} {turns[0][1]}</s>"]
     parts += [f"{CHAT_USER} {q} {CHAT_ASSISTANT} {a}</s>" for q, a in turns[1:]]
     return "".join(parts)
 
@@ -208,7 +211,7 @@ def qa_chats(scenes: Sequence[Scene], seed: int, questions: int = 3) -> Iterator
         if not qs:
             continue
         rng.shuffle(qs)
-        text, spans = f"{system + ' ' if system else ''}{CHAT_USER} {detailed_description(scene, rng)}\n", []
+        text, spans = f"{_system_head(system)}{CHAT_USER} {detailed_description(scene, rng)}\n", []
         for k, q in enumerate(qs[:questions]):
             text += f"{'' if k == 0 else CHAT_USER + ' '}{q.question} {SHORT_ANSWER_SUFFIX} {CHAT_ASSISTANT} "
             spans.append((len(text), len(text) + len(q.answer) + len("</s>")))
