@@ -2,8 +2,10 @@
 wsd (warmup-stable-decay: constant, then a linear cool-down over the run's last `decay_ratio`).
 
 The factor multiplies each part's own learning rate, so one schedule drives every parameter
-group. Being a function of the step alone, resuming a run restores the schedule by restoring
-the step; there is no scheduler object with hidden state.
+group. Being a function of the step and the total alone, resuming a run restores the schedule by
+restoring the step; there is no scheduler object with hidden state. A run with a wall-clock
+allowance (`train.max_seconds`) passes `time_horizon`'s estimate as the total, so its schedule
+also follows the machine's speed.
 """
 
 from __future__ import annotations
