@@ -27,10 +27,10 @@ from vitune.errors import VituneError
 from vitune.io import atomic_write_json
 
 VARIANTS = ("full", "no-stage1", "conversation-only", "detail-only", "complex-only")
-# Stage 2's planned epochs in every run: 990 steps, about what the demo's stage 2 gets in its time
-# (993). Not fewer: at 5 epochs (660 steps) the full recipe was still on the plateau at two seeds
-# (toy-vqa 0.565, 0.565) on backbones where the demo's 863 steps gave 0.821.
-STAGE2_EPOCHS = 7.5
+# Stage 2's planned epochs in every run: ~1,000 steps of the demo's 7,500 samples, about what the
+# demo's stage 2 gets in its time (980-1,075). Not fewer: at 660 steps the full recipe was still on
+# the plateau at two seeds (toy-vqa 0.565, 0.565) on backbones where the demo's 863 steps gave 0.821.
+STAGE2_EPOCHS = 8.5
 SHARED_STEPS = ("world", "backbones")
 
 
