@@ -125,6 +125,25 @@ def test_combined_optimizer_sets_lr_through_param_groups_and_resumes_exactly() -
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(continuous, model.parameters()))
 
 
+def test_combined_optimizer_runs_step_hooks() -> None:
+    """Step hooks (what LR schedulers and profilers attach) fire around the combined step."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = build_optimizer("muon", model, _groups(model), (0.9, 0.95), 1e-8, fused=False)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    handle = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    _train(opt, model, 2, seed=1)
+    assert calls == ["pre", "post"] * 2
+    handle.remove()
+    _train(opt, model, 1, seed=2)
+    assert calls == ["pre", "post"] * 2 + ["pre"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    _train(opt, model, 1, seed=3)
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.5 * opt.param_groups[0]["initial_lr"]
+
+
 def test_unknown_optimizer_is_named() -> None:
     model = TinyLM()
     with pytest.raises(VituneError, match="adamw, muon"):

@@ -16,6 +16,7 @@ loop's schedule sets both through `param_groups`.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -83,11 +84,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon = Muon(muon, lr=muon[0]["lr"], momentum=momentum) if muon else None
         self.adamw = torch.optim.AdamW(adamw, lr=adamw[0]["lr"], **adamw_kwargs) if adamw else None
         self.halves = [o for o in (self.muon, self.adamw) if o is not None]
-        # Not Optimizer.__init__: the halves own the groups and the state.
+        # Not Optimizer.__init__ (the halves own the groups and the state), but what it sets up for
+        # hooks: register_step_pre_hook & co. work, and step() runs them (via _patch_step_function).
         self.defaults = {}
         self.param_groups = [g for o in self.halves for g in o.param_groups]
-        self._optimizer_step_pre_hooks: dict[int, Any] = {}
-        self._optimizer_step_post_hooks: dict[int, Any] = {}
+        for table in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre", "load_state_dict_post"):
+            setattr(self, f"_optimizer_{table}_hooks", OrderedDict())
+        self._patch_step_function()
 
     @property
     def state(self) -> dict[Any, Any]:  # type: ignore[override]
