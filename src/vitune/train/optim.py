@@ -84,12 +84,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon = Muon(muon, lr=muon[0]["lr"], momentum=momentum) if muon else None
         self.adamw = torch.optim.AdamW(adamw, lr=adamw[0]["lr"], **adamw_kwargs) if adamw else None
         self.halves = [o for o in (self.muon, self.adamw) if o is not None]
-        # Not Optimizer.__init__ (the halves own the groups and the state), but what it sets up for
-        # hooks: register_step_pre_hook & co. work, and step() runs them (via _patch_step_function).
+        # Not Optimizer.__init__ (the halves own the groups and the state), but its step-hook set-up:
+        # register_step_pre/post_hook work and step() runs them (via _patch_step_function). No
+        # state-dict hook tables: state_dict() below would not run them, so registering one fails.
         self.defaults = {}
         self.param_groups = [g for o in self.halves for g in o.param_groups]
-        for table in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre", "load_state_dict_post"):
-            setattr(self, f"_optimizer_{table}_hooks", OrderedDict())
+        self._optimizer_step_pre_hooks: OrderedDict[int, Any] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Any] = OrderedDict()
         self._patch_step_function()
 
     @property

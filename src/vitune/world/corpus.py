@@ -165,6 +165,13 @@ def reasoning(scene: Scene, rng: random.Random) -> tuple[str, str]:
     return q, a
 
 
+def world_system() -> str:
+    """WORLD_TEMPLATE's system prompt ("" when it has none)."""
+    from vitune.templates import get_template
+
+    return get_template(WORLD_TEMPLATE).system or ""
+
+
 def _system_head(system: str) -> str:
     return f"{system} " if system else ""  # vicuna_v1's "{system} USER: ..."; nothing without one
 
@@ -202,9 +209,7 @@ def qa_chats(scenes: Sequence[Scene], seed: int, questions: int = 3) -> Iterator
     """Per scene: a chat whose context is the scene's detailed description (every object named)
     and whose turns are up to `questions` short-answer questions of shuffled types, in the layout
     `text_qa` asks them. Yields (text, character spans of the answers, each with its `</s>`)."""
-    from vitune.templates import get_template
-
-    system = get_template(WORLD_TEMPLATE).system or ""
+    system = world_system()
     rng = random.Random(seed)
     for scene in scenes:
         qs = short_answer_questions(scene, rng)
@@ -221,9 +226,7 @@ def qa_chats(scenes: Sequence[Scene], seed: int, questions: int = 3) -> Iterator
 
 def corpus(scenes: Sequence[Scene], seed: int) -> Iterator[str]:
     """Every document of `scenes`, in a deterministic order."""
-    from vitune.templates import get_template
-
-    system = get_template(WORLD_TEMPLATE).system or ""
+    system = world_system()
     rng = random.Random(seed)
     for scene in scenes:
         yield from scene_documents(scene, rng, system)

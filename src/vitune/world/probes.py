@@ -104,10 +104,9 @@ def text_qa(lm, tokenizer, scenes: Sequence[Scene], seed: int = 0) -> dict:
     finds most likely. This is the in-context reading that LLaVA's stage 2 turns onto image tokens;
     Vicuna brings it from pretraining, and an LM without it has to learn it in stage 2.
     Returns {"accuracy", "chance", "by_type": {TYPE: {"accuracy", "chance", "n"}}}."""
-    from vitune.templates import get_template
-    from vitune.world.corpus import WORLD_TEMPLATE, chat, detailed_description
+    from vitune.world.corpus import chat, detailed_description, world_system
 
-    system = get_template(WORLD_TEMPLATE).system or ""
+    system = world_system()
     rng = random.Random(seed)
     hits: dict[str, list[bool]] = defaultdict(list)
     for scene in scenes:  # one forward per scene: every choice of every question
