@@ -114,8 +114,8 @@ def get_preset(name: str) -> Preset:
                                                    train_records=112, max_length=384),
                       "the synthetic world's model shape (demo backbones), random weights")
     if name == "wide":
-        return Preset("wide", WIDE_SHAPE, Workload(repeats=2, prefill_repeats=3, batch_new_tokens=64, train_batch=4,
-                                                   train_epochs=1, train_records=16, max_length=512),
+        return Preset("wide", WIDE_SHAPE, Workload(repeats=3, prefill_repeats=9, batch_new_tokens=64, train_batch=4,
+                                                   train_epochs=2, train_records=16, max_length=512),
                       "CLIP-B/16-like tower + 2 Llama layers of width 1536, vocab 32000, random weights")
     if name == "smoke":
         return Preset("smoke", SMOKE_SHAPE, Workload(new_tokens=8, batch=3, batch_new_tokens=6, repeats=2, prefill_repeats=2,

@@ -154,10 +154,16 @@ def test_cli_build_and_generate_json(tiny_backbones: tuple[Path, Path], tmp_path
     assert bad.returncode == 2 and "no config.json" in bad.stderr
 
 
-@pytest.mark.parametrize("llm", ["llama", "qwen2"])
-def test_lean_forward_matches_transformers(tmp_path: Path, llm: str) -> None:
-    """The lean Llama-family decode path gives transformers' numbers: same logits, same tokens."""
+@pytest.mark.parametrize("llm, kernel", [("llama", "measured"), ("qwen2", "measured"), ("llama", "onednn")])
+def test_lean_forward_matches_transformers(tmp_path: Path, llm: str, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean Llama-family decode path gives transformers' numbers: same logits, same tokens,
+    with whichever decode kernel this machine measured fastest and with oneDNN's forced."""
     from vitune.generation import Decoder
+    from vitune.model import kernels
+
+    if kernel == "onednn":
+        monkeypatch.setattr(kernels, "_chosen", {})
+        monkeypatch.setattr(kernels, "_choose", lambda *_: kernels._onednn)
     from vitune.model.build import build_llava
     from vitune.model.fast_lm import FastLM, supports
     from vitune.testing import make_tiny_backbones

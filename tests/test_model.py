@@ -13,6 +13,7 @@ from vitune.errors import VituneError
 from vitune.model.build import build_llava
 from vitune.model.llava import LlavaModel
 from vitune.model.projector import build_projector
+from vitune.model.vision import load_vision_tower
 from vitune.processor import LlavaProcessor
 
 
@@ -147,6 +148,29 @@ def test_vision_options(tmp_path: Path, vision: str, select: str, layers, tokens
     first = layers if isinstance(layers, int) else layers[0]
     expect = hs[first][:, 1:] if (vision == "clip" and select == "patch") else hs[first]
     torch.testing.assert_close(model.vision(pixels)[..., :32], expect)
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_vision_stops_at_its_deepest_feature_layer(tmp_path: Path, vision: str) -> None:
+    from vitune.model.vision import VisionEncoder
+    from vitune.testing import make_tiny_backbones
+
+    vdir, _ = make_tiny_backbones(tmp_path, vision=vision, llm="llama")
+    tower = load_vision_tower(str(vdir))
+    pixels = torch.randn(2, 3, tower.config.image_size, tower.config.image_size)
+    with torch.no_grad():
+        hs = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    layers = tower.encoder.layers if hasattr(tower, "encoder") else tower.vision_model.encoder.layers
+    ran = []
+    layers[-1].register_forward_hook(lambda *_: ran.append("last"))
+    for select in ([0, 1, -2], [-1], [-3, -2]):
+        ran.clear()
+        with torch.no_grad():
+            feats = VisionEncoder(tower, select, "cls_patch", has_cls=False)(pixels)
+        torch.testing.assert_close(feats, torch.cat([hs[i] for i in select], dim=-1))
+        assert ran == (["last"] if -1 in select else [])  # the last layer runs only when it is read
+    with pytest.raises(VituneError, match=f"vision_feature_layer {len(hs)} is out of range"):
+        VisionEncoder(tower, [len(hs)], "patch", has_cls=False)(pixels)
 
 
 def test_pad_aspect_ratio_fills_with_mean(built) -> None:

@@ -5,9 +5,10 @@ objects); at decode time, one token per row, that generality costs more than the
 small model. This runs the same weights in a straight line: a preallocated KV cache, the rotary
 cos/sin computed once for every position of the batch, weights read straight from the modules
 (no module calls), the rotation of queries and keys done together in three tensor ops, one SDPA
-call per layer, and no attention mask at all when no row is padded. The numbers are those of the
-transformers model (tested to 1e-4); models of any other shape fall back to transformers'
-forward in the decoder.
+call per layer, no attention mask at all when no row is padded, and decode-step matrix products
+by whichever CPU kernel this machine runs faster for so few rows (`kernels`). The numbers are
+those of the transformers model (tested to 1e-4); models of any other shape fall back to
+transformers' forward in the decoder.
 
 Large models use their weights in place. Small ones (decoder layers up to `FUSE_BYTES`), whose
 decoding is bound by the number of tensor ops rather than by reading weights, get fused QKV and
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vitune.model.kernels import linear_for
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 # Rotary types whose frequencies depend on the sequence length seen so far: computed per step.
@@ -130,6 +133,13 @@ class FastLM:
         self.norm_eps = float(self.inner.norm.variance_epsilon)
         self.head = lm.lm_head.weight
         self.head_b = lm.lm_head.bias
+        self._weights = [(self.head, self.head_b)] + [
+            pair for w in self.layers for pair in (
+                ((w.qkv, w.qkv_b),) if w.qkv is not None else ((w.q, w.qb), (w.k, w.kb), (w.v, w.vb))
+            ) + ((w.o, w.ob),) + (((w.gate_up, w.gate_up_b),) if w.gate_up is not None else ((w.gate, w.gate_b), (w.up, w.up_b)))
+            + ((w.down, w.down_b),)
+        ]  # fmt: skip
+        self._kernels: dict[int, Callable[..., torch.Tensor]] = {}
         p = self.embed
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.k = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
@@ -170,34 +180,42 @@ class FastLM:
         start, end = self.length, self.length + t
         cos, sin = self._rope(positions, hidden.dtype)
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
+        mm = self._linear(b * t)
         for i, w in enumerate(self.layers):
             x = _rms(hidden, w.ln1, w.eps1)
             if w.qkv is not None:
-                qkv = F.linear(x, w.qkv, w.qkv_b).view(b, t, nq + 2 * nkv, d)
+                qkv = mm(x, w.qkv, w.qkv_b).view(b, t, nq + 2 * nkv, d)
                 qk, v = self._rotate(qkv[:, :, : nq + nkv], cos, sin), qkv[:, :, nq + nkv :]
             else:
-                q = F.linear(x, w.q, w.qb).view(b, t, nq, d)
-                k = F.linear(x, w.k, w.kb).view(b, t, nkv, d)
+                q = mm(x, w.q, w.qb).view(b, t, nq, d)
+                k = mm(x, w.k, w.kb).view(b, t, nkv, d)
                 qk = self._rotate(torch.cat((q, k), dim=2), cos, sin)
-                v = F.linear(x, w.v, w.vb).view(b, t, nkv, d)
+                v = mm(x, w.v, w.vb).view(b, t, nkv, d)
             self.k[i][:, :, start:end] = qk[:, :, nq:].transpose(1, 2)
             self.v[i][:, :, start:end] = v.transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 qk[:, :, :nq].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=attn_mask,
                 is_causal=causal, scale=self.scale, enable_gqa=self.gqa,
             )  # fmt: skip
-            hidden = hidden + F.linear(out.transpose(1, 2).reshape(b, t, nq * d), w.o, w.ob)
+            hidden = hidden + mm(out.transpose(1, 2).reshape(b, t, nq * d), w.o, w.ob)
             x = _rms(hidden, w.ln2, w.eps2)
             if w.gate_up is not None:
-                gate, up = F.linear(x, w.gate_up, w.gate_up_b).chunk(2, dim=-1)
+                gate, up = mm(x, w.gate_up, w.gate_up_b).chunk(2, dim=-1)
             else:
-                gate, up = F.linear(x, w.gate, w.gate_b), F.linear(x, w.up, w.up_b)
-            hidden = hidden + F.linear(w.act(gate) * up, w.down, w.down_b)
+                gate, up = mm(x, w.gate, w.gate_b), mm(x, w.up, w.up_b)
+            hidden = hidden + mm(w.act(gate) * up, w.down, w.down_b)
         self.length = end
         return _rms(hidden[:, -1:], self.norm, self.norm_eps)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head, self.head_b)[:, -1].float()
+        return self._linear(hidden.shape[0] * hidden.shape[1])(hidden, self.head, self.head_b)[:, -1].float()
+
+    def _linear(self, rows: int) -> Callable[..., torch.Tensor]:
+        """The matrix-product kernel for this many rows (`kernels.linear_for`), chosen once per count."""
+        fn = self._kernels.get(rows)
+        if fn is None:
+            fn = self._kernels[rows] = linear_for(rows, self._weights, self.embed.dtype)
+        return fn
 
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Left-padded prompt embeddings [B, T, H] with mask [B, T] -> last-position logits [B, V]."""

@@ -59,7 +59,13 @@ def vision_tower_from_config(config_dict: dict[str, Any]) -> nn.Module:
 
 
 class VisionEncoder(nn.Module):
-    """The tower plus LLaVA's feature selection: pixels [N, 3, H, W] -> features [N, T, D * layers]."""
+    """The tower plus LLaVA's feature selection: pixels [N, 3, H, W] -> features [N, T, D * layers].
+
+    For the ViT families whose parts it knows (embeddings, an optional pre-norm, a list of encoder
+    layers) it runs the layers only up to the deepest one selected: LLaVA reads layer -2, so the
+    last layer, the post-norm and SigLIP's pooling head are never computed (1/12 of a CLIP-B
+    tower's work, 1/24 of CLIP-L's). Other towers run whole, with all hidden states.
+    """
 
     def __init__(self, tower: nn.Module, feature_layers: list[int], select: str, has_cls: bool) -> None:
         super().__init__()
@@ -72,11 +78,51 @@ class VisionEncoder(nn.Module):
         return int(self.tower.config.hidden_size) * len(self.feature_layers)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-        feats = [out.hidden_states[layer] for layer in self.feature_layers]
+        parts = _vit_parts(self.tower)
+        if parts is None:
+            out = self.tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+            feats = [out.hidden_states[layer] for layer in self.feature_layers]
+        else:
+            feats = _run_to_layers(*parts, pixel_values, self.feature_layers)
         if self.drop_first:
             feats = [f[:, 1:] for f in feats]
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+
+
+def _vit_parts(tower: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.ModuleList] | None:
+    """(embeddings, pre-norm or None, encoder layers) of a CLIP/SigLIP vision model, else None.
+    Older transformers nest them under `vision_model`."""
+    core = getattr(tower, "vision_model", tower)
+    if not isinstance(tower.config, (CLIPVisionConfig, SiglipVisionConfig)):
+        return None
+    embeddings, encoder = getattr(core, "embeddings", None), getattr(core, "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if embeddings is None or not isinstance(layers, nn.ModuleList):
+        return None
+    return embeddings, getattr(core, "pre_layrnorm", None), layers
+
+
+def _run_to_layers(
+    embeddings: nn.Module, pre_norm: nn.Module | None, layers: nn.ModuleList, pixel_values: torch.Tensor, feature_layers: list[int]
+) -> list[torch.Tensor]:
+    # hidden state i is the input of layer i (0: the embeddings after the pre-norm), as in
+    # transformers' `hidden_states`, so negative indices count from len(layers) + 1
+    n_states = len(layers) + 1
+    for layer in feature_layers:
+        if not -n_states <= layer < n_states:
+            raise VituneError(f"vision_feature_layer {layer} is out of range for a tower of {len(layers)} layers")
+    wanted = [layer % n_states for layer in feature_layers]
+    hidden = embeddings(pixel_values)
+    if pre_norm is not None:
+        hidden = pre_norm(hidden)
+    states = {0: hidden}
+    for i, layer in enumerate(layers[: max(wanted)], start=1):
+        hidden = layer(hidden, None)
+        if isinstance(hidden, tuple):  # transformers 4.x layers return (hidden, attentions)
+            hidden = hidden[0]
+        if i in wanted:
+            states[i] = hidden
+    return [states[i] for i in wanted]
 
 
 def count_tokens(tower: nn.Module, image_size: int) -> tuple[int, bool]:
