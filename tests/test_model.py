@@ -72,14 +72,22 @@ def test_marker_and_image_counts_must_agree(built) -> None:
         proc.encode([{"from": "human", "value": "<image><image> x"}, {"from": "gpt", "value": "y"}], num_images=1)
 
 
-def test_save_load_roundtrip_and_sharding(built, tmp_path: Path) -> None:
+def test_save_load_roundtrip_and_sharding(built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, proc = built
     ids, pixels = proc.encode_prompt([{"role": "user", "content": "<image>\nwhat?"}], [image((1, 2, 3))])
     model.save_pretrained(tmp_path / "sharded", proc, max_shard_size=20_000)
     files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    # no random initialisation of weights the checkpoint overwrites (it was most of a large load)
+    calls = []
+    for name in ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_"):
+        original = getattr(torch.nn.init, name)
+        monkeypatch.setattr(torch.nn.init, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     again = LlavaModel.from_pretrained(tmp_path / "sharded")
+    assert calls == []
+    torch.nn.init.normal_(torch.empty(2))  # and the init functions work again afterwards
+    assert calls == ["normal_"]
     with torch.no_grad():
         torch.testing.assert_close(again(torch.tensor([ids]), pixel_values=pixels).logits, model(torch.tensor([ids]), pixel_values=pixels).logits)
     assert LlavaProcessor.from_pretrained(tmp_path / "sharded").encode_prompt([{"role": "user", "content": "what?"}])[0] == proc.encode_prompt([{"role": "user", "content": "what?"}])[0]
