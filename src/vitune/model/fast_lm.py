@@ -80,6 +80,12 @@ class _Layer:
     gate_up: torch.Tensor | None = None  # fused [gate; up]
     gate_up_b: torch.Tensor | None = None
 
+    def products(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The (weight, bias) pairs `_forward` multiplies by, fused where this layer is."""
+        qkv = [(self.qkv, self.qkv_b)] if self.qkv is not None else [(self.q, self.qb), (self.k, self.kb), (self.v, self.vb)]
+        gate_up = [(self.gate_up, self.gate_up_b)] if self.gate_up is not None else [(self.gate, self.gate_b), (self.up, self.up_b)]
+        return [*qkv, (self.o, self.ob), *gate_up, (self.down, self.down_b)]
+
 
 def _cat(*parts: torch.Tensor | None) -> torch.Tensor | None:
     return None if any(p is None for p in parts) else torch.cat(parts)  # type: ignore[arg-type]
@@ -133,12 +139,7 @@ class FastLM:
         self.norm_eps = float(self.inner.norm.variance_epsilon)
         self.head = lm.lm_head.weight
         self.head_b = lm.lm_head.bias
-        self._weights = [(self.head, self.head_b)] + [
-            pair for w in self.layers for pair in (
-                ((w.qkv, w.qkv_b),) if w.qkv is not None else ((w.q, w.qb), (w.k, w.kb), (w.v, w.vb))
-            ) + ((w.o, w.ob),) + (((w.gate_up, w.gate_up_b),) if w.gate_up is not None else ((w.gate, w.gate_b), (w.up, w.up_b)))
-            + ((w.down, w.down_b),)
-        ]  # fmt: skip
+        self._weights = [(self.head, self.head_b)] + [pair for w in self.layers for pair in w.products()]
         self._kernels: dict[int, Callable[..., torch.Tensor]] = {}
         p = self.embed
         shape = (batch, self.kv_heads, max_len, self.head_dim)

@@ -12,6 +12,7 @@ rounding). Larger products (prefill, training) and anything needing gradients st
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 import statistics
 import time
 
@@ -31,14 +32,9 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-_onednn_ok: bool | None = None
-
-
+@functools.cache
 def _has_onednn() -> bool:
-    global _onednn_ok
-    if _onednn_ok is None:
-        _onednn_ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    return _onednn_ok
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -65,12 +61,8 @@ def _choose(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> Linea
     return _onednn if default > _MIN_GAIN * fast else F.linear
 
 
-def _key(rows: int, weight: torch.Tensor, bias: torch.Tensor | None, x_dtype: torch.dtype) -> tuple:
-    return (rows, weight.shape, bias is not None, weight.dtype, x_dtype, weight.device, torch.get_num_threads())
-
-
 def _kernel(rows: int, weight: torch.Tensor, bias: torch.Tensor | None, x_dtype: torch.dtype) -> Linear:
-    key = _key(rows, weight, bias, x_dtype)
+    key = (rows, weight.shape, bias is not None, weight.dtype, x_dtype, weight.device, torch.get_num_threads())
     fn = _chosen.get(key)
     if fn is None:
         cpu32 = weight.device.type == "cpu" and weight.dtype == x_dtype == torch.float32
