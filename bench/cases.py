@@ -13,7 +13,10 @@ better for vitune), and vitune / the machine's bound for `mfu` and `decode_bw`:
 - `train_step`: stage-2 training samples per second over epochs of the synthetic set: vitune
   through `vitune.train.run_training` (timed from its `on_step` callback), the reference through
   `bench.reference.ReferenceTrainer` (random batches padded to the longest). Each epoch's first
-  step is its warm-up; the rate is over the remaining steps, the same number for both.
+  step is its warm-up; the rate is over the remaining steps, the same number for both. It also
+  reports each system's work (`gflop_per_sample`: vitune's as in `mfu`, the reference's as its
+  loop computes it, padded, the head on every position, the whole tower), `flop_ratio`
+  (reference / vitune) and `gflop_per_s`: ratio = flop_ratio x vitune's rate / the reference's.
 - `mfu`: vitune's training model FLOPs per second (the work the step needs: decoder layers
   forward+backward on real tokens, the output head on label positions, the frozen tower's
   forward up to the feature layer) over this machine's fp32 matmul throughput.
@@ -198,6 +201,7 @@ class PresetBench:
         scratch = Path(tempfile.mkdtemp(prefix="train-", dir=self.root))
         column = 0 if self.clock == "wall" else 1
         rates: dict[str, list[float]] = {"vitune": [], "reference": []}
+        ref_flops: list[float] = []  # per sample, each timed reference epoch
         peak: dict[str, float] = {}
         try:
             runs = {"vitune": lambda: vitune_epoch(self.built.vitune_dir, data, w.train_batch, w.max_length, w.length_window,
@@ -218,6 +222,10 @@ class PresetBench:
                         raise RuntimeError(f"{name}: an epoch of {len(marks) - 1} step(s); the train_step case needs >= 2")
                     seconds = marks[-1][column] - marks[1][column]
                     rates[name].append((len(marks) - 2) * w.train_batch / seconds)
+                    if name == "reference":  # the timed steps' work, as the reference pads and computes it
+                        timed = [[samples[i] for i in rows] for rows in ref.last_epoch[1:]]
+                        ref_flops.append(sum(self.sample_flops(s, max(len(r["input_ids"]) for r in rows), reference=True)
+                                             for rows in timed for s in rows) / sum(map(len, timed)))
                     self.log(f"    {name:10s} epoch {round_ + 1}: {len(marks) - 2} timed steps of {w.train_batch} in {seconds:.2f}s")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -226,15 +234,28 @@ class PresetBench:
         flops = self.flops_per_sample(samples)
         self.memo["train"] = {"rate": rate, "flops_per_sample": flops}
         tokens = [len(s["input_ids"]) for s in samples]
+        ref_flop = _median(ref_flops)
         return CaseResult("train_step", self.preset.name, rate["vitune"], rate["reference"], "samples/s",
                           rate["vitune"] / rate["reference"], {
                               "samples_per_s": {k: [round(x, 3) for x in v] for k, v in rates.items()},
+                              # The work each system does per sample, and how fast it does it: the ratio
+                              # is flop_ratio x (vitune's GFLOP/s / the reference's).
+                              "gflop_per_sample": {"vitune": _round(flops / 1e9), "reference": _round(ref_flop / 1e9)},
+                              "flop_ratio": round(ref_flop / flops, 3),
+                              "gflop_per_s": {"vitune": _round(rate["vitune"] * flops / 1e9),
+                                              "reference": _round(rate["reference"] * ref_flop / 1e9)},
                               "peak_mb": peak, "batch": w.train_batch, "samples": len(samples),
                               "with_image": sum(s["image"] is not None for s in samples),
                               "tokens_mean": round(sum(tokens) / len(tokens), 1), "tokens_max": max(tokens)})
 
     def flops_per_sample(self, samples: list[dict[str, Any]]) -> float:
         """Mean model FLOPs of one stage-2 training sample (see the module doc)."""
+        return sum(self.sample_flops(s) for s in samples) / len(samples)
+
+    def sample_flops(self, sample: dict[str, Any], width: int | None = None, reference: bool = False) -> float:
+        """Model FLOPs of one training sample: as vitune needs them, or with `reference` as the
+        transformers loop spends them (padded to `width`, the output head on every position, the
+        vision tower through all its layers)."""
         model = self.pipe.model
         lm = model.language_model
         cfg = lm.config
@@ -247,16 +268,14 @@ class PresetBench:
         vision_layer_params = sum(p.numel() for p in getattr(tower, "vision_model", tower).encoder.layers[0].parameters())
         t_img = model.config.num_image_tokens
         t_v = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
-        image_fwd = used * (2 * vision_layer_params * t_v + 2 * t_v * t_v * vcfg.hidden_size * 2)
-        total = 0.0
-        for s in samples:
-            t = len(s["input_ids"])
-            labels = sum(1 for x in s["labels"][1:] if x != -100)
-            total += 6 * layers_params * t + 6 * n_layers * d * t * t  # causal attention: half of 2 matmuls x 2T^2d
-            total += 6 * vocab * d * labels
-            if s["image"] is not None:
-                total += image_fwd + 6 * proj_params * t_img
-        return total / len(samples)
+        t = width or len(sample["input_ids"])
+        labels = t if reference else sum(1 for x in sample["labels"][1:] if x != -100)
+        total = 6 * layers_params * t + 6 * n_layers * d * t * t  # causal attention: half of 2 matmuls x 2T^2d
+        total += 6 * vocab * d * labels
+        if sample["image"] is not None:
+            tower_layers = vcfg.num_hidden_layers if reference else used
+            total += tower_layers * (2 * vision_layer_params * t_v + 2 * t_v * t_v * vcfg.hidden_size * 2) + 6 * proj_params * t_img
+        return float(total)
 
     def mfu(self) -> CaseResult:
         if "train" not in self.memo:

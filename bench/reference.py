@@ -64,6 +64,7 @@ class ReferenceTrainer:
         self.batch_size = batch_size
         self.pad_id = processor.tokenizer.pad_token_id
         self.rng = random.Random(seed)
+        self.last_epoch: list[list[int]] = []  # each step's sample indices in the last epoch
 
     def _batch(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
@@ -87,8 +88,10 @@ class ReferenceTrainer:
         order = list(range(len(self.samples)))
         self.rng.shuffle(order)
         marks = [(time.perf_counter(), time.process_time())]
+        self.last_epoch = []
         for s in range(len(order) // self.batch_size):
-            rows = [self.samples[i] for i in order[s * self.batch_size:(s + 1) * self.batch_size]]
+            self.last_epoch.append(order[s * self.batch_size:(s + 1) * self.batch_size])
+            rows = [self.samples[i] for i in self.last_epoch[-1]]
             loss = self.model(**self._batch(rows)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)

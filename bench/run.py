@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             result["wall_s"] = round(time.perf_counter() - t0, 1)
             results.append(result)
             log(f"[{name}] {case}: vitune {result['vitune']:.4g} {result['unit']}, reference {result['reference']:.4g}, "
-                f"ratio {result['ratio']:.3f}")
+                f"ratio {result['ratio']:.3f}"
+                + (f" (work per sample: reference / vitune = {result['flop_ratio']:.3f}; GFLOP/s vitune "
+                   f"{result['gflop_per_s']['vitune']:.4g}, reference {result['gflop_per_s']['reference']:.4g})"
+                   if "flop_ratio" in result else ""))
             machine["load_average_end"] = measure.load_average()
             atomic_write_json(out, {"machine": machine, "presets": presets_info, "cases": results})
         del bench

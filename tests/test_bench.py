@@ -52,7 +52,12 @@ def test_smoke_run_records_repeats_memory_and_bounds(smoke_results: dict) -> Non
     # both systems produced full-length outputs that can be compared token by token
     assert 0.0 <= b1["token_agreement"] <= 1.0 and b1["new_tokens"] == work.new_tokens
     assert by_name["decode_b8"]["batch"] == work.batch and len(set(by_name["decode_b8"]["prompt_tokens"])) > 1
-    assert by_name["train_step"]["with_image"] < by_name["train_step"]["samples"]  # a mix with text-only samples
+    train = by_name["train_step"]
+    assert train["with_image"] < train["samples"]  # a mix with text-only samples
+    # the reference pads to the longest and runs the head on every position: more work per sample
+    assert train["gflop_per_sample"]["reference"] > train["gflop_per_sample"]["vitune"] > 0
+    assert train["flop_ratio"] == pytest.approx(train["gflop_per_sample"]["reference"] / train["gflop_per_sample"]["vitune"], rel=0.02)
+    assert train["gflop_per_s"]["vitune"] == pytest.approx(train["vitune"] * train["gflop_per_sample"]["vitune"], rel=0.02)
     assert by_name["mfu"]["unit"] == "GFLOP/s" and "matmul" in by_name["mfu"]["bound"]
     assert 0 < by_name["mfu"]["transformers_ratio"] and by_name["mfu"]["flops_per_sample_g"] > 0
     assert by_name["decode_bw"]["bytes_per_token_mb"] > 0 and by_name["decode_bw"]["bandwidth_gb_s"] > 0
