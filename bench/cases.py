@@ -18,8 +18,9 @@ better for vitune), and vitune / the machine's bound for `mfu` and `decode_bw`:
   loop computes it, padded, the head on every position, the whole tower), `flop_ratio`
   (reference / vitune) and `gflop_per_s`: ratio = flop_ratio x vitune's rate / the reference's.
 - `mfu`: vitune's training model FLOPs per second (the work the step needs: decoder layers
-  forward+backward on real tokens, the output head on label positions, the frozen tower's
-  forward up to the feature layer) over this machine's fp32 matmul throughput.
+  forward+backward on real tokens, the last layer past its keys and values and the output head
+  on label positions only, the frozen tower's forward up to the feature layer) over this
+  machine's fp32 matmul throughput.
 - `decode_bw`: vitune's batch-1 decoding speed (the decode part of decode_b1: (N - 1) tokens over
   its time minus the time to first token) over the memory-bandwidth bound: bytes read per token
   (LLM weights except the input embedding table, plus the KV cache) against a large copy.
@@ -42,6 +43,7 @@ import torch
 
 from bench import measure, reference, workloads
 from bench.presets import Built, Preset
+from vitune.train import label_positions
 
 CASES = ("decode_b1", "decode_b8", "prefill", "train_step", "mfu", "decode_bw")
 
@@ -271,6 +273,13 @@ class PresetBench:
         t = width or len(sample["input_ids"])
         labels = t if reference else sum(1 for x in sample["labels"][1:] if x != -100)
         total = 6 * layers_params * t + 6 * n_layers * d * t * t  # causal attention: half of 2 matmuls x 2T^2d
+        if not reference and label_positions.supported(lm.model, t):
+            # vitune's last layer: keys and values everywhere, the rest at the label positions only
+            last = lm.model.layers[-1]
+            last_params = sum(p.numel() for p in last.parameters())
+            kv_params = sum(p.numel() for m in (last.self_attn.k_proj, last.self_attn.v_proj) for p in m.parameters())
+            total -= 6 * last_params * t + 6 * d * t * t
+            total += 6 * kv_params * t + 6 * (last_params - kv_params) * labels + 6 * d * labels * t
         total += 6 * vocab * d * labels
         if sample["image"] is not None:
             tower_layers = vcfg.num_hidden_layers if reference else used

@@ -20,6 +20,7 @@ from torch import nn
 
 from vitune.errors import VituneError
 from vitune.templates import IGNORE_INDEX, get_template
+from vitune.train import label_positions
 from vitune.train.config import FROZEN, Config
 
 PARTS = ("vision", "projector", "llm")
@@ -152,6 +153,7 @@ class TrainingModule(nn.Module):
         # Kept out of the module tree (a plain dict), so state_dict, parameters() and DDP see the
         # decoder's weights once, under their own names.
         self._compiled: dict[int, nn.Module] = {}
+        self._compiled_at_labels: Any = None
         self.compile_decoder = compile_decoder
 
     def _decoder(self, decoder: nn.Module) -> nn.Module:
@@ -161,6 +163,13 @@ class TrainingModule(nn.Module):
             # Sequence lengths change every step: one graph with a symbolic length, not one per length.
             self._compiled[id(decoder)] = torch.compile(decoder, dynamic=True)
         return self._compiled[id(decoder)]
+
+    def _at_labels(self) -> Any:
+        if not self.compile_decoder:
+            return label_positions.decoder_at_labels
+        if self._compiled_at_labels is None:
+            self._compiled_at_labels = torch.compile(label_positions.decoder_at_labels, dynamic=True)
+        return self._compiled_at_labels
 
     def forward(
         self,
@@ -199,6 +208,11 @@ class TrainingModule(nn.Module):
         keep = targets != IGNORE_INDEX
         if split is None:
             logits = lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
+        elif label_positions.supported(split[0], embeds.shape[1]):
+            # The last layer, the norm and the head only where a label is predicted.
+            decoder, head = split
+            positions, flat = label_positions.label_slots(keep)
+            logits = head(self._at_labels()(decoder, embeds, attention_mask, positions, flat))
         else:
             decoder, head = split
             hidden = self._decoder(decoder)(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
