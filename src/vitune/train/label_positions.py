@@ -103,10 +103,8 @@ def decoder_at_labels(decoder: nn.Module, embeds: torch.Tensor, attention_mask: 
     # Each label query sees the real keys up to its own position; the padding slots (position
     # 0) see the first token, so no row is empty.
     visible = (keys[None, None, :] <= positions[:, :, None]) & real[:, None, :]
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves a group
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=attn.scaling)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=attn.scaling,
+                                       enable_gqa=k.shape[1] != q.shape[1])
     o = attn.o_proj(o.transpose(1, 2).reshape(batch, positions.shape[1], -1))
     h = hidden[rows, positions] + o
     h = h + last.mlp(last.post_attention_layernorm(h))
