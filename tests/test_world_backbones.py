@@ -12,7 +12,7 @@ import torch
 from vitune.errors import VituneError
 from vitune.world.backbones import PRESETS, Budget, _new_lm, chat_examples, chat_tune, load_images, lr_at, make_backbones, normalize, parse_steps
 from vitune.world.corpus import CHAT_ASSISTANT, CHAT_USER, DETAIL_INSTRUCTIONS, chat, corpus, qa_chats, template_texts
-from vitune.world.probes import _continuation_logprobs, box_weights, text_qa
+from vitune.world.probes import _continuation_logprobs, box_weights, boxes_weights, text_qa
 from vitune.world.questions import QUESTION_TYPES, chance_level
 from vitune.world.render import render_world
 from vitune.world.scene import COLORS, SHAPES, read_scenes
@@ -28,8 +28,30 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     render_world(world, scenes=400, eval_scenes=100, seed=3, size=48)
     # Fixed step counts (about what 24 s buys on an idle machine): on a busy one a time budget left
     # CLIP at chance when this ran next to the demo test.
-    report = make_backbones(world, out, preset="quick", seconds=24, steps=QUICK_STEPS)
+    report = make_backbones(world, out, preset="quick", seconds=24, steps=QUICK_STEPS, parallel=True)
     return world, out, report
+
+
+def test_lm_beside_the_clip_is_the_lm_trained_after_it(made: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    """The LM trained in a second process (the fixture) is the one the sequential path trains:
+    same data, seed and steps; only the thread count differs, so the numbers agree to rounding."""
+    world, _, report = made
+    seq = make_backbones(world, tmp_path / "seq", preset="quick", seconds=24, steps={**QUICK_STEPS, "clip": 5}, parallel=False)
+    assert report["side_by_side"] and not seq["side_by_side"]
+    assert (seq["lm"]["steps"], seq["lm"]["chat"]["steps"]) == (110, 10)
+    for key in ("final_loss", "val_perplexity"):
+        assert seq["lm"][key] == pytest.approx(report["lm"][key], rel=1e-3), key
+    assert seq["lm"]["chat"]["final_loss"] == pytest.approx(report["lm"]["chat"]["final_loss"], rel=1e-3)
+
+
+def test_lm_process_failure_is_raised_here(tmp_path: Path) -> None:
+    from vitune.world.backbones import LMJob, _lm_process
+
+    job = LMJob(tmp_path, PRESETS["quick"], 0, 1, None, 0.0, 1.0, ["a b"], ["a b"], tmp_path)  # no tokenizer saved there
+    with pytest.raises(VituneError, match="the LM's training process failed: .*tokenizer"):
+        with _lm_process(job, 1) as result:
+            result()
+    assert not (tmp_path / "lm").exists()
 
 
 def test_report(made: tuple[Path, Path, dict]) -> None:
@@ -278,6 +300,14 @@ def test_box_weights() -> None:
     for _ in range(20):
         x1, y1 = rng.random() * 0.8, rng.random() * 0.8
         assert box_weights((x1, y1, x1 + 0.2, y1 + 0.2), 6).sum() == pytest.approx(1.0)
+    boxes = [(0.05, 0.05, 0.2, 0.2), (0.0, 0.0, 0.5, 0.5), (0.3, 0.6, 0.9, 0.95)]
+    many = boxes_weights(boxes, 4)
+    assert many.shape == (3, 16)
+    for row, box in zip(many, boxes):
+        wx = [max(0.0, min((c + 1) / 4, box[2]) - max(c / 4, box[0])) for c in range(4)]
+        wy = [max(0.0, min((r + 1) / 4, box[3]) - max(r / 4, box[1])) for r in range(4)]
+        area = sum(wx) * sum(wy)
+        assert row.tolist() == pytest.approx([y * x / area for y in wy for x in wx])
 
 
 def test_cli_parses_backbones(tmp_path: Path) -> None:

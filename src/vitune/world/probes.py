@@ -25,12 +25,18 @@ PROBE_TARGETS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLORS, "
 
 def box_weights(bbox: Sequence[float], grid: int) -> torch.Tensor:
     """[grid*grid] weights: the share of each patch (row-major) that the box covers, summing to 1."""
-    x1, y1, x2, y2 = bbox
+    return boxes_weights([bbox], grid)[0]
+
+
+def boxes_weights(bboxes: Sequence[Sequence[float]], grid: int) -> torch.Tensor:
+    """`box_weights` of many boxes at once: [N, grid*grid] (one call for a world's ~18k objects)."""
+    boxes = torch.as_tensor(bboxes, dtype=torch.float32).reshape(-1, 4)
     edges = torch.arange(grid + 1, dtype=torch.float32) / grid
-    wx = (torch.minimum(edges[1:], torch.tensor(x2)) - torch.maximum(edges[:-1], torch.tensor(x1))).clamp(min=0)
-    wy = (torch.minimum(edges[1:], torch.tensor(y2)) - torch.maximum(edges[:-1], torch.tensor(y1))).clamp(min=0)
-    w = (wy[:, None] * wx[None, :]).flatten()
-    return w / w.sum().clamp(min=1e-8)
+    lo, hi = edges[:-1], edges[1:]
+    wx = (torch.minimum(hi, boxes[:, 2:3]) - torch.maximum(lo, boxes[:, 0:1])).clamp(min=0)
+    wy = (torch.minimum(hi, boxes[:, 3:4]) - torch.maximum(lo, boxes[:, 1:2])).clamp(min=0)
+    w = (wy[:, :, None] * wx[:, None, :]).flatten(1)
+    return w / w.sum(1, keepdim=True).clamp(min=1e-8)
 
 
 def object_labels(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
@@ -46,11 +52,9 @@ def object_labels(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
 def pooled_object_features(patch_features: torch.Tensor, scenes: Sequence[Scene]) -> torch.Tensor:
     """[objects, D] from [scenes, grid*grid, D] patch features, averaged over each object's box."""
     grid = int(round(patch_features.shape[1] ** 0.5))
-    rows = []
-    for k, scene in enumerate(scenes):
-        for inst in scene.instances:
-            rows.append(box_weights(inst.bbox, grid) @ patch_features[k])
-    return torch.stack(rows)
+    weights = boxes_weights([inst.bbox for scene in scenes for inst in scene.instances], grid)
+    owner = torch.tensor([k for k, scene in enumerate(scenes) for _ in scene.instances])
+    return torch.einsum("op,opd->od", weights, patch_features[owner])
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300, weight_decay: float = 1e-3) -> torch.nn.Linear:
