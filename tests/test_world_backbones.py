@@ -48,10 +48,34 @@ def test_lm_process_failure_is_raised_here(tmp_path: Path) -> None:
     from vitune.world.backbones import LMJob, _lm_process
 
     job = LMJob(tmp_path, PRESETS["quick"], 0, 1, None, 0.0, 1.0, ["a b"], ["a b"], tmp_path)  # no tokenizer saved there
-    with pytest.raises(VituneError, match="the LM's training process failed: .*tokenizer"):
+    with pytest.raises(VituneError, match="the LM.s training process failed: .*tokenizer"):
         with _lm_process(job, 1) as result:
             result()
     assert not (tmp_path / "lm").exists()
+
+
+def test_lm_process_does_not_rerun_a_script_without_a_main_guard(tmp_path: Path) -> None:
+    """A user's script that calls the backbones at top level must run once: the LM's process is a
+    fresh interpreter, not a multiprocessing spawn (which re-imports the main module)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from vitune.errors import VituneError\n"
+        "from vitune.world.backbones import PRESETS, LMJob, _lm_process\n"
+        "print('SCRIPT RAN', flush=True)\n"
+        f"out = Path({str(tmp_path)!r})\n"
+        "job = LMJob(out, PRESETS['quick'], 0, 1, None, 0.0, 1.0, ['a'], ['a'], out)\n"
+        "try:\n"
+        "    with _lm_process(job, 1) as result:\n"
+        "        result()\n"
+        "except VituneError as err:\n"
+        "    print('RAISED', 'tokenizer' in str(err))\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.stdout.count("SCRIPT RAN") == 1 and "RAISED True" in run.stdout, run.stdout + run.stderr
 
 
 def test_report(made: tuple[Path, Path, dict]) -> None:

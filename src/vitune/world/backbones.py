@@ -27,6 +27,9 @@ The story, step by step (each with a progress bar and its figures printed):
    in-context reading: the short-answer questions answered from a scene's text description
    (`probes.text_qa`), the skill stage 2 has to turn onto image tokens.
 
+With two or more threads the LM trains in a second process beside the CLIP (one thread each
+does more than both on one phase for models this small); with one, after it.
+
 Training runs against a time budget (`--seconds`, split across the steps): the learning rate
 follows warm-up and cosine decay over the fraction of the step's budget spent, so a run ends on
 a decayed rate whatever the machine's speed. Figures therefore vary between machines, and on a
@@ -36,6 +39,7 @@ follows the steps taken): the same backbones on any machine, for tests and like-
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -801,55 +805,75 @@ class LMJob:
         return section
 
 
-def _lm_process_main(job: LMJob, threads: int, conn) -> None:
-    """The spawned LM process: the saved tokenizer, the job, its report (or error) down the pipe."""
+def _lm_process_main(job_path: str, result_path: str) -> None:
+    """The LM's process (`python -m vitune.world.backbones JOB RESULT`): runs the pickled job and
+    writes {"ok": report section} or {"error": text} to RESULT."""
+    import pickle
     import traceback
 
     import torch
     from transformers import AutoTokenizer
 
+    with open(job_path, "rb") as f:
+        job, threads = pickle.load(f)
     torch.set_num_threads(threads)
     try:
         with flush_subnormals():
             tokenizer = AutoTokenizer.from_pretrained(job.out / "tokenizer")
-            conn.send(("ok", job.run(tokenizer)))
+            result = {"ok": job.run(tokenizer)}
     except BaseException as err:  # noqa: BLE001 -- every failure goes back to the parent, which raises it
-        conn.send(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
-    finally:
-        conn.close()
+        result = {"error": f"{type(err).__name__}: {err}\n{traceback.format_exc()}"}
+    atomic_write_json(Path(result_path), result)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux), so a killed demo leaves no
+    LM process training on."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 @contextmanager
 def _lm_process(job: LMJob, threads: int) -> Iterator[Callable[[], dict[str, Any]]]:
-    """Run `job` in a spawned process while the body runs; yields a function that waits for its
-    report. The process is a daemon: if this one dies or is interrupted, it goes too (and B/lm,
-    written through `_save_dir`, is either complete or absent)."""
-    import multiprocessing
+    """Run `job` in a second Python process while the body runs; yields a function that waits for
+    its report. A fresh interpreter (`python -m`), not multiprocessing: spawn would re-import the
+    caller's main module, and a script without a `__main__` guard would run itself again there.
+    If this process is interrupted or dies, the LM's goes too (and B/lm, written through
+    `_save_dir`, is either complete or absent)."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
 
-    ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools is unsafe
-    receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_lm_process_main, args=(job, threads, send), name="vitune-lm", daemon=True)
-    process.start()
-    send.close()
+    with tempfile.TemporaryDirectory(prefix=".lm-", dir=job.out) as tmp:
+        job_path, result_path = Path(tmp) / "job.pkl", Path(tmp) / "result.json"
+        with open(job_path, "wb") as f:
+            pickle.dump((job, threads), f)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vitune.world.backbones", str(job_path), str(result_path)],
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
 
-    def result() -> dict[str, Any]:
+        def result() -> dict[str, Any]:
+            code = process.wait()
+            if not result_path.exists():
+                raise VituneError(f"the LM's training process died (exit code {code})")
+            out = json.loads(result_path.read_text())
+            if "error" in out:
+                raise VituneError(f"the LM's training process failed: {out['error']}")
+            return out["ok"]
+
         try:
-            status, payload = receive.recv()
-        except EOFError:
-            process.join()
-            raise VituneError(f"the LM's training process died (exit code {process.exitcode})") from None
-        process.join()
-        if status != "ok":
-            raise VituneError(f"the LM's training process failed: {payload}")
-        return payload
-
-    try:
-        yield result
-    finally:
-        if process.is_alive():
-            process.terminate()
-            process.join()
-        receive.close()
+            yield result
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
 
 
 def _new_clip(config):
@@ -897,3 +921,7 @@ def _clip_line(r: dict[str, Any]) -> str:
     )
 
 
+if __name__ == "__main__":  # the LM's process, started by `_lm_process`
+    import sys
+
+    _lm_process_main(sys.argv[1], sys.argv[2])
