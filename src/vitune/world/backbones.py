@@ -745,7 +745,7 @@ def _clip_phase(world: Path, out: Path, p: Preset, tokenizer, train: Sequence[Sc
 @dataclass
 class LMJob:
     """The LM's phases (pretraining, optional chat tuning, gauges, saving B/lm), runnable in this
-    process or in a spawned one (everything here pickles)."""
+    process or in a second one (it travels there as JSON, `to_json` / `from_json`)."""
 
     out: Path
     preset: Preset
@@ -758,6 +758,13 @@ class LMJob:
     val_docs: list[str]
     world: Path
     bars: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "out": str(self.out), "world": str(self.world)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LMJob:
+        return cls(**{**data, "out": Path(data["out"]), "world": Path(data["world"]), "preset": Preset(**data["preset"])})
 
     def run(self, tokenizer) -> dict[str, Any]:
         from vitune.world.corpus import qa_chats
@@ -806,17 +813,16 @@ class LMJob:
 
 
 def _lm_process_main(job_path: str, result_path: str) -> None:
-    """The LM's process (`python -m vitune.world.backbones JOB RESULT`): runs the pickled job and
+    """The LM's process (`python -m vitune.world.backbones JOB RESULT`): runs the job (JSON) and
     writes {"ok": report section} or {"error": text} to RESULT."""
-    import pickle
     import traceback
 
     import torch
     from transformers import AutoTokenizer
 
-    with open(job_path, "rb") as f:
-        job, threads = pickle.load(f)
-    torch.set_num_threads(threads)
+    data = json.loads(Path(job_path).read_text())
+    job = LMJob.from_json(data["job"])
+    torch.set_num_threads(data["threads"])
     try:
         with flush_subnormals():
             tokenizer = AutoTokenizer.from_pretrained(job.out / "tokenizer")
@@ -845,15 +851,13 @@ def _lm_process(job: LMJob, threads: int) -> Iterator[Callable[[], dict[str, Any
     caller's main module, and a script without a `__main__` guard would run itself again there.
     If this process is interrupted or dies, the LM's goes too (and B/lm, written through
     `_save_dir`, is either complete or absent)."""
-    import pickle
     import subprocess
     import sys
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix=".lm-", dir=job.out) as tmp:
-        job_path, result_path = Path(tmp) / "job.pkl", Path(tmp) / "result.json"
-        with open(job_path, "wb") as f:
-            pickle.dump((job, threads), f)
+        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps({"job": job.to_json(), "threads": threads}))
         process = subprocess.Popen(
             [sys.executable, "-m", "vitune.world.backbones", str(job_path), str(result_path)],
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
