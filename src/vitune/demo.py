@@ -47,7 +47,8 @@ class DemoConfig:
     # ~100 s). Stage 2 builds on what the LM learned in pretraining: with the LM's earlier 32 s
     # (537 steps) toy-vqa stayed at 0.52-0.62, with 100 s it reached ~0.7. Side by side, 215 s
     # gave the seed-1 CLIP 1,168 steps and the LM 802; 185 s gave 747 LM steps, a CLIP at
-    # retrieval 0.70 and stage 2 30 s more: relation 0.731 against 0.639 (all pairs: 0.658, 0.592)
+    # retrieval 0.70 and stage 2 30 s more: relation 0.731 against 0.639 (all pairs: 0.658, 0.592).
+    # Seed 4 went the other way (215 s: relation 0.560; 185 s: relation 0.560, existence 0.697).
     backbone_seconds: float = 185.0
     # fixed optimizer steps for some backbone phases ({"clip", "lm", "chat"} -> N) instead of their
     # time share: the same backbones on any machine, for like-for-like comparisons
