@@ -334,24 +334,18 @@ def train_clip(
     import torch
     import torch.nn.functional as F
 
-    from vitune.world.probes import POSITIONS, boxes_weights
+    from vitune.world.probes import POSITIONS, pooled_object_features
 
     torch.manual_seed(seed)
-    # Every object of every scene, flat (scene order, then instance order): its box weights over
-    # the patch grid and its attribute targets, computed once; `first[k]` is scene k's first row.
-    grid = images.shape[-1] // preset.patch_size
-    insts = [i for s in scenes for i in s.instances]
-    object_weights = boxes_weights([i.bbox for i in insts], grid)
-    object_targets = torch.tensor(
-        [[SHAPES.index(i.category), COLORS.index(i.color), SIZES.index(i.size), POSITIONS.index(position_phrase(i))] for i in insts]
-    )
-    counts = torch.tensor([len(s.instances) for s in scenes])
-    first = torch.cumsum(counts, 0) - counts
     attributes = (SHAPES, COLORS, SIZES, POSITIONS)
     spans, start = [], 0
     for values in attributes:
         spans.append((start, start + len(values)))
         start += len(values)
+    object_targets = [
+        torch.tensor([[SHAPES.index(i.category), COLORS.index(i.color), SIZES.index(i.size), POSITIONS.index(position_phrase(i))] for i in s.instances])
+        for s in scenes
+    ]
     region_head = torch.nn.Linear(preset.vision_hidden, start)
     params = list(model.parameters()) + list(region_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
@@ -394,11 +388,8 @@ def train_clip(
         if preset.region_weight:
             # Region supervision: the penultimate patch tokens pooled over each object's box
             # must name its shape, colour, size and place (one linear head per attribute).
-            n = counts[idx]
-            row = torch.repeat_interleave(torch.arange(len(idx)), n)  # the batch image of each object
-            obj = first[idx].repeat_interleave(n) + torch.arange(int(n.sum())) - (torch.cumsum(n, 0) - n).repeat_interleave(n)
-            logits = region_head(torch.einsum("op,opd->od", object_weights[obj], patches[row]))
-            targets = object_targets[obj]
+            logits = region_head(pooled_object_features(patches, [scenes[k] for k in idx]))
+            targets = torch.cat([object_targets[k] for k in idx])
             region_loss = sum(
                 w * F.cross_entropy(logits[:, lo:hi], targets[:, a]) for a, ((lo, hi), w) in enumerate(zip(spans, ATTRIBUTE_WEIGHTS))
             )
@@ -700,14 +691,14 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
         torch.set_num_threads(max(1, threads - lm_threads))
         _log(f"lm: training in a second process beside the CLIP ({lm_threads} and {threads - lm_threads} threads)")
         with _lm_process(replace(lm_job, bars=False), lm_threads) as lm_result:
-            report["clip"] = _clip_phase(world, out, p, clip_tokenizer, train, val, test, image_size, seed, steps.get("clip"),
-                                         Budget(max(1.0, deadline - time.monotonic() - p.eval_reserve * budget)))
+            report["clip"] = _clip_phase(world, out, p, clip_tokenizer, train, val, test, image_size, seed,
+                                         Budget(max(1.0, deadline - time.monotonic() - p.eval_reserve * budget), steps.get("clip")))
             report["lm"] = lm_result()
         torch.set_num_threads(threads)
     else:
         remaining = deadline - time.monotonic() - p.eval_reserve * budget
-        report["clip"] = _clip_phase(world, out, p, clip_tokenizer, train, val, test, image_size, seed, steps.get("clip"),
-                                     Budget(max(1.0, p.clip_share * remaining)))
+        report["clip"] = _clip_phase(world, out, p, clip_tokenizer, train, val, test, image_size, seed,
+                                     Budget(max(1.0, p.clip_share * remaining), steps.get("clip")))
         report["lm"] = lm_job.run(lm_tokenizer)
     report["side_by_side"] = side_by_side
     report["seconds_used"] = round(time.monotonic() - t0, 1)
@@ -720,12 +711,12 @@ def _make_backbones(world: Path, out: Path, preset: str, seconds: float | None, 
 
 
 def _clip_phase(world: Path, out: Path, p: Preset, tokenizer, train: Sequence[Scene], val: Sequence[Scene], test: Sequence[Scene],
-                image_size: int, seed: int, steps: int | None, budget: Budget) -> dict[str, Any]:
+                image_size: int, seed: int, budget: Budget) -> dict[str, Any]:
     """Train, gauge and save B/clip; returns its report section."""
     t1 = time.monotonic()
     images = load_images(world, train, image_size)
     clip = _new_clip(clip_config(p, image_size, tokenizer))
-    clip_train = train_clip(clip, tokenizer, images, train, p, Budget(budget.seconds, steps), seed)
+    clip_train = train_clip(clip, tokenizer, images, train, p, budget, seed)
     del images
     gauges = evaluate_clip(clip, tokenizer, world, val, test, p, image_size)
     save_clip(clip, tokenizer, image_size, out / "clip")
