@@ -154,13 +154,17 @@ def test_cli_build_and_generate_json(tiny_backbones: tuple[Path, Path], tmp_path
     assert bad.returncode == 2 and "no config.json" in bad.stderr
 
 
-@pytest.mark.parametrize("llm, kernel", [("llama", "measured"), ("qwen2", "measured"), ("llama", "onednn")])
+@pytest.mark.parametrize("llm, kernel", [("llama", "measured"), ("qwen2", "measured"), ("llama", "onednn"), ("llama", "unfused")])
 def test_lean_forward_matches_transformers(tmp_path: Path, llm: str, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lean Llama-family decode path gives transformers' numbers: same logits, same tokens,
-    with whichever decode kernel this machine measured fastest and with oneDNN's forced."""
+    with whichever decode kernel this machine measured fastest, with oneDNN's forced, and with
+    the separate projections of large models. The step after the prefill reads the keys and
+    values its last layer cached (that layer runs the rest at the last position only)."""
     from vitune.generation import Decoder
-    from vitune.model import kernels
+    from vitune.model import fast_lm, kernels
 
+    if kernel == "unfused":
+        monkeypatch.setattr(fast_lm, "FUSE_BYTES", 0)
     if kernel == "onednn":
         monkeypatch.setattr(kernels, "_chosen", {})
         monkeypatch.setattr(kernels, "_choose", lambda *_: kernels._onednn)

@@ -182,8 +182,11 @@ class FastLM:
         cos, sin = self._rope(positions, hidden.dtype)
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
         mm = self._linear(b * t)
+        last = len(self.layers) - 1
         for i, w in enumerate(self.layers):
             x = _rms(hidden, w.ln1, w.eps1)
+            if i == last and t > 1:
+                return self._last_layer_at_end(w, x, hidden, cos, sin, attn_mask)
             if w.qkv is not None:
                 qkv = mm(x, w.qkv, w.qkv_b).view(b, t, nq + 2 * nkv, d)
                 qk, v = self._rotate(qkv[:, :, : nq + nkv], cos, sin), qkv[:, :, nq + nkv :]
@@ -207,6 +210,43 @@ class FastLM:
             hidden = hidden + mm(w.act(gate) * up, w.down, w.down_b)
         self.length = end
         return _rms(hidden[:, -1:], self.norm, self.norm_eps)
+
+    def _last_layer_at_end(self, w: _Layer, x: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """A prefill's last layer, given its normed input `x` [B, T, H]: keys and values at every
+        position (later steps attend to them), the rest at the last position only, the one whose
+        output is read. The same numbers; for the 2-layer `wide` benchmark LM ~40 % of the
+        prefill's decoder work (the trainer's `label_positions` makes the same cut)."""
+        b, t, _ = x.shape
+        start, end = self.length, self.length + t
+        nq, nkv, d = self.heads, self.kv_heads, self.head_dim
+        mm, mm1 = self._linear(b * t), self._linear(b)
+        if w.qkv is not None:
+            split = nq * d
+            wq, bq = w.qkv[:split], None if w.qkv_b is None else w.qkv_b[:split]
+            kv = mm(x, w.qkv[split:], None if w.qkv_b is None else w.qkv_b[split:]).view(b, t, 2 * nkv, d)
+            k, v = kv[:, :, :nkv], kv[:, :, nkv:]
+        else:
+            wq, bq = w.q, w.qb
+            k, v = mm(x, w.k, w.kb).view(b, t, nkv, d), mm(x, w.v, w.vb).view(b, t, nkv, d)
+        q = self._rotate(mm1(x[:, -1:], wq, bq).view(b, 1, nq, d), cos[:, -1:], sin[:, -1:])
+        self.k[-1][:, :, start:end] = self._rotate(k, cos, sin).transpose(1, 2)
+        self.v[-1][:, :, start:end] = v.transpose(1, 2)
+        # One query per row, the last: it sees every real key, so no causal mask (SDPA's would
+        # align a lone query with the first key).
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), self.k[-1][:, :, :end], self.v[-1][:, :, :end],
+            attn_mask=None if attn_mask is None else attn_mask[:, :, -1:], scale=self.scale, enable_gqa=self.gqa,
+        )  # fmt: skip
+        h = hidden[:, -1:] + mm1(out.transpose(1, 2).reshape(b, 1, nq * d), w.o, w.ob)
+        x = _rms(h, w.ln2, w.eps2)
+        if w.gate_up is not None:
+            gate, up = mm1(x, w.gate_up, w.gate_up_b).chunk(2, dim=-1)
+        else:
+            gate, up = mm1(x, w.gate, w.gate_b), mm1(x, w.up, w.up_b)
+        h = h + mm1(w.act(gate) * up, w.down, w.down_b)
+        self.length = end
+        return _rms(h, self.norm, self.norm_eps)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._linear(hidden.shape[0] * hidden.shape[1])(hidden, self.head, self.head_b)[:, -1].float()
