@@ -119,6 +119,16 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _mlp_block(w: _Layer, hidden: torch.Tensor, mm: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The layer's second half: `hidden` plus its MLP of the post-attention norm."""
+    x = _rms(hidden, w.ln2, w.eps2)
+    if w.gate_up is not None:
+        gate, up = mm(x, w.gate_up, w.gate_up_b).chunk(2, dim=-1)
+    else:
+        gate, up = mm(x, w.gate, w.gate_b), mm(x, w.up, w.up_b)
+    return hidden + mm(w.act(gate) * up, w.down, w.down_b)
+
+
 class FastLM:
     """Owns one batch's KV cache. `prefill` then repeated `step`; `select_rows` drops finished rows."""
 
@@ -201,13 +211,7 @@ class FastLM:
                 qk[:, :, :nq].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=attn_mask,
                 is_causal=causal, scale=self.scale, enable_gqa=self.gqa,
             )  # fmt: skip
-            hidden = hidden + mm(out.transpose(1, 2).reshape(b, t, nq * d), w.o, w.ob)
-            x = _rms(hidden, w.ln2, w.eps2)
-            if w.gate_up is not None:
-                gate, up = mm(x, w.gate_up, w.gate_up_b).chunk(2, dim=-1)
-            else:
-                gate, up = mm(x, w.gate, w.gate_b), mm(x, w.up, w.up_b)
-            hidden = hidden + mm(w.act(gate) * up, w.down, w.down_b)
+            hidden = _mlp_block(w, hidden + mm(out.transpose(1, 2).reshape(b, t, nq * d), w.o, w.ob), mm)
         self.length = end
         return _rms(hidden[:, -1:], self.norm, self.norm_eps)
 
@@ -238,13 +242,7 @@ class FastLM:
             q.transpose(1, 2), self.k[-1][:, :, :end], self.v[-1][:, :, :end],
             attn_mask=None if attn_mask is None else attn_mask[:, :, -1:], scale=self.scale, enable_gqa=self.gqa,
         )  # fmt: skip
-        h = hidden[:, -1:] + mm1(out.transpose(1, 2).reshape(b, 1, nq * d), w.o, w.ob)
-        x = _rms(h, w.ln2, w.eps2)
-        if w.gate_up is not None:
-            gate, up = mm1(x, w.gate_up, w.gate_up_b).chunk(2, dim=-1)
-        else:
-            gate, up = mm1(x, w.gate, w.gate_b), mm1(x, w.up, w.up_b)
-        h = h + mm1(w.act(gate) * up, w.down, w.down_b)
+        h = _mlp_block(w, hidden[:, -1:] + mm1(out.transpose(1, 2).reshape(b, 1, nq * d), w.o, w.ob), mm1)
         self.length = end
         return _rms(h, self.norm, self.norm_eps)
 
