@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from vitune.errors import VituneError
-from vitune.world.backbones import PRESETS, Budget, _new_lm, chat_examples, chat_tune, load_images, lr_at, make_backbones, normalize, parse_steps
+from vitune.world.backbones import (
+    PRESETS, Budget, _new_lm, chat_examples, chat_tune, load_images, lm_optimizer, lr_at, make_backbones, normalize, parse_steps, train_lm,
+)
 from vitune.world.corpus import CHAT_ASSISTANT, CHAT_USER, DETAIL_INSTRUCTIONS, chat, corpus, qa_chats, template_texts
 from vitune.world.probes import _continuation_logprobs, box_weights, boxes_weights, text_qa
 from vitune.world.questions import QUESTION_TYPES, chance_level
@@ -306,6 +308,32 @@ def test_lm_initialisation_depends_on_the_seed_alone() -> None:
     torch.manual_seed(3)
     _new_lm(config, seed=7)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_lm_pretraining_optimizer(name: str) -> None:
+    from dataclasses import replace
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         tie_word_embeddings=True)  # fmt: skip
+    model = _new_lm(config, seed=0)
+    preset = replace(PRESETS["quick"], lm_optimizer=name, lm_lr=1e-2, lm_batch=4, lm_context=32)
+    opt = lm_optimizer(model, preset)
+    muon = {id(p) for g in opt.param_groups if g.get("muon") for p in g["params"]}
+    layer = model.model.layers[0]
+    hidden = {id(m.weight) for m in (*vars(layer.self_attn)["_modules"].values(), *vars(layer.mlp)["_modules"].values()) if hasattr(m, "weight")}
+    assert muon == (hidden if name == "muon" else set())
+    assert id(model.get_input_embeddings().weight) not in muon  # tied to the head: AdamW's, as in the references
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    # a repeating sequence: both optimizers learn it within a few dozen steps
+    blocks = torch.arange(8).repeat(4 * 16).view(16, 32) + 3
+    before = model(input_ids=blocks[:4], labels=blocks[:4]).loss.item()
+    run = train_lm(model, blocks, preset, Budget(60.0, steps=40, visible=False), seed=0)
+    assert run["steps"] == 40 and run["final_loss"] < 0.5 * before
+    with pytest.raises(VituneError, match="lm_optimizer: unknown optimizer 'sgd'"):
+        lm_optimizer(model, replace(preset, lm_optimizer="sgd"))
 
 
 def test_lr_schedule() -> None:

@@ -121,7 +121,9 @@ def muon_matrices(model: nn.Module) -> set[int]:
     (a classifier over the vocabulary, which the references leave to AdamW like the embeddings)."""
     head = None
     lm = getattr(model, "language_model", None)
-    if lm is not None and hasattr(lm, "get_output_embeddings"):
+    if lm is None:  # a bare causal LM (the world's LM pretraining), not a LLaVA model
+        lm = model
+    if hasattr(lm, "get_output_embeddings"):
         out = lm.get_output_embeddings()
         head = None if out is None else id(out.weight)
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and m.weight.ndim == 2 and id(m.weight) != head}
