@@ -323,7 +323,7 @@ def test_lm_pretraining_optimizer(name: str) -> None:
     opt = lm_optimizer(model, preset)
     muon = {id(p) for g in opt.param_groups if g.get("muon") for p in g["params"]}
     layer = model.model.layers[0]
-    hidden = {id(m.weight) for m in (*vars(layer.self_attn)["_modules"].values(), *vars(layer.mlp)["_modules"].values()) if hasattr(m, "weight")}
+    hidden = {id(m.weight) for m in (*layer.self_attn.children(), *layer.mlp.children()) if hasattr(m, "weight")}
     assert muon == (hidden if name == "muon" else set())
     assert id(model.get_input_embeddings().weight) not in muon  # tied to the head: AdamW's, as in the references
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}

@@ -576,23 +576,19 @@ def train_lm(model, blocks, preset: Preset, budget: Budget, seed: int) -> dict[s
 
 
 def lm_optimizer(model, preset: Preset):
-    """The LM pretraining's optimizer (`Preset.lm_optimizer`): weight decay 0.1 on matrices, none
-    on norms; with "muon", Muon takes the hidden matrices and AdamW the rest."""
-    import torch
+    """The LM pretraining's optimizer (`Preset.lm_optimizer`, built by `vitune.train.optim`, as
+    stage 2's): weight decay 0.1 on matrices, none on norms; with "muon", Muon takes the hidden
+    matrices and AdamW the rest."""
+    from vitune.train.optim import OPTIMIZERS, build_optimizer
 
-    from vitune.train.optim import MuonWithAdamW, muon_matrices
-
-    if preset.lm_optimizer not in ("adamw", "muon"):
-        raise VituneError(f"lm_optimizer: unknown optimizer {preset.lm_optimizer!r}; choose adamw or muon")
+    if preset.lm_optimizer not in OPTIMIZERS:
+        raise VituneError(f"lm_optimizer: unknown optimizer {preset.lm_optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
     params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1, "lr": preset.lm_lr},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": preset.lm_lr}]  # fmt: skip
-    if preset.lm_optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=preset.lm_lr, betas=(0.9, 0.95))
-    matrices = muon_matrices(model)
-    muon = {**groups[0], "params": [p for p in groups[0]["params"] if id(p) in matrices], "muon": True}
-    rest = {**groups[0], "params": [p for p in groups[0]["params"] if id(p) not in matrices]}
-    return MuonWithAdamW([muon, rest, groups[1]], momentum=0.95, adamw_kwargs={"betas": (0.9, 0.95)})
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1, "lr": preset.lm_lr, "base_lr": preset.lm_lr, "name": "lm/decay"},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": preset.lm_lr, "base_lr": preset.lm_lr, "name": "lm/no_decay"},
+    ]  # fmt: skip
+    return build_optimizer(preset.lm_optimizer, model, groups, betas=(0.9, 0.95), eps=1e-8, fused=False)
 
 
 def chat_examples(tokenizer, chats: Sequence[tuple[str, Sequence[tuple[int, int]]]], max_length: int = 512) -> list[tuple[list[int], list[int]]]:
