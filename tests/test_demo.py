@@ -111,6 +111,30 @@ def test_benchmark_format_samples_mix_the_question_order(tmp_path: Path) -> None
     assert len(more) == 60 and relation_turns(more) > 1.5 * relation_turns(records)
     with pytest.raises(VituneError, match="toy-vqa setting"):
         benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 60, seed=0, per_type={"relation": 3})
+    # DemoConfig.vqa_per_object: as many relation questions as objects where that is more than
+    # per_type's 2; scenes of two objects keep their questions, the same draw as toy-vqa's
+    from vitune.eval.toy import load_scenes
+
+    two = benchmark_format_samples(tmp_path / "w", "toy-vqa", 60, seed=0, per_type={"relation": 2})
+    crowded = benchmark_format_samples(tmp_path / "w", "toy-vqa", 60, seed=0, per_type={"relation": 2},
+                                       per_object={"relation": 1})
+    objects = {s.image: len(s.instances) for s in load_scenes(tmp_path / "w", "train", 60)}
+    types.update({item.prompt.removeprefix("<image>\n"): item.fields["type"]
+                  for item in vqa_items(tmp_path / "w", "train", 60, 0, per_type={"relation": 4})})
+    def questions(record: dict) -> set[str]:
+        return {t["value"].removeprefix("<image>\n") for t in record["conversations"][::2]}
+
+    for a, b in zip(two, crowded, strict=True):
+        n, ra, rb = objects[a["image"]], relation_turns([a]), relation_turns([b])
+        if n <= 2:  # the same questions (their order is drawn from one generator for all samples)
+            assert questions(a) == questions(b)
+        else:
+            assert ra <= 2 and rb >= ra and rb <= n and questions(a) <= questions(b)
+    assert relation_turns(crowded) > relation_turns(two)
+    with pytest.raises(VituneError, match="per object: unknown type"):
+        benchmark_format_samples(tmp_path / "w", "toy-vqa", 60, seed=0, per_object={"relations": 1})
+    with pytest.raises(VituneError, match="toy-vqa setting"):
+        benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 60, seed=0, per_object={"relation": 1})
     # DemoConfig.later_turns: the short-answer instruction on each sample's first turn only ("bare"),
     # and the later turns answered in a sentence that starts with the subject ("sentence")
     from vitune.world.questions import SHORT_ANSWER_SUFFIX

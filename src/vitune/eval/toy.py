@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,11 +119,14 @@ def normalize_answer(text: str) -> str:
 
 
 def vqa_questions(
-    world: str | Path, split: str = DEFAULT_SPLIT, limit: int | None = None, seed: int = 0, per_type: int | Mapping[str, int] = 1,
+    world: str | Path, split: str = DEFAULT_SPLIT, limit: int | None = None, seed: int = 0,
+    per_type: int | Mapping[str, int] | Callable[[Scene], Mapping[str, int]] = 1,
 ) -> Iterator[tuple[Scene, list[Question]]]:
-    """Each scene of the split with the short-answer questions toy-vqa asks about it."""
+    """Each scene of the split with the short-answer questions toy-vqa asks about it (`per_type`
+    may depend on the scene: a function of it)."""
     for scene in load_scenes(world, split, limit):
-        yield scene, short_answer_questions(scene, scene_rng("toy-vqa", seed, scene), per_type=per_type)
+        counts = per_type(scene) if callable(per_type) else per_type
+        yield scene, short_answer_questions(scene, scene_rng("toy-vqa", seed, scene), per_type=counts)
 
 
 def vqa_items(
