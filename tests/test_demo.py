@@ -158,7 +158,7 @@ def test_benchmark_format_samples_mix_the_question_order(tmp_path: Path) -> None
         benchmark_format_samples(tmp_path / "w", "toy-scienceqa", 60, seed=0, later_turns="bare")
 
 
-def test_demo_cli_passes_seed_and_out(monkeypatch, tmp_path: Path) -> None:
+def test_demo_cli_passes_seed_and_out(monkeypatch, tmp_path: Path, capsys) -> None:
     import vitune.demo as demo
     from vitune.cli import main
 
@@ -167,6 +167,17 @@ def test_demo_cli_passes_seed_and_out(monkeypatch, tmp_path: Path) -> None:
     main(["demo", "--preset", "quick", "--seed", "3", "--out", str(tmp_path / "d"), "--fresh"])
     assert (seen["config"].seed, seen["config"].out, seen["fresh"]) == (3, str(tmp_path / "d"), True)
     assert seen["config"].backbone_preset == PRESETS["quick"].backbone_preset
+    main(["demo", "--seed", "2", "--set", "vqa_per_object={relation: 1}", "--set", "time_budget=null",
+          "--set", "named_kinds=color", "--set", "mix={detail: 7}", "--set", "stage2_overrides=[train.epochs=1]"])
+    c = seen["config"]
+    assert (c.seed, c.vqa_per_object, c.time_budget, c.named_kinds, c.mix, c.stage2_overrides) == (
+        2, {"relation": 1}, None, ("color",), {"detail": 7}, ["train.epochs=1"])
+    assert c.vqa_per_type == PRESETS["default"].vqa_per_type and c.out == "runs/demo"
+    for bad, message in (("vqa_per_object={relation: many}", "demo.vqa_per_object.relation"),
+                         ("vqa_per_object=3", "not a mapping"), ("scenes=lots", "demo.scenes"),
+                         ("speed=9", "unknown key 'demo.speed'"), ("seed", "not key=value")):
+        assert main(["demo", "--set", bad]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_named_object_samples_are_text_only_and_answered_by_their_own_words() -> None:

@@ -413,12 +413,22 @@ def results_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main_demo(preset: str = "default", fresh: bool = False, out: str | None = None, redo: list[str] | None = None,
-              seed: int | None = None) -> dict[str, Any]:
+def demo_config(preset: str = "default", settings: Sequence[str] = (), **chosen: Any) -> DemoConfig:
+    """A preset with `chosen` fields (None: the preset's) and then `key=value` settings applied,
+    each value typed by its `DemoConfig` field (`vqa_per_object={relation: 1}`, `time_budget=null`)."""
+    from vitune.train.config import apply_override, from_dict
+
     if preset not in PRESETS:
         raise VituneError(f"unknown demo preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    chosen = {"out": out or None, "seed": seed}
-    config = replace(PRESETS[preset], **{k: v for k, v in chosen.items() if v is not None})
+    data = asdict(replace(PRESETS[preset], **{k: v for k, v in chosen.items() if v is not None}))
+    for setting in settings:
+        apply_override(data, setting)
+    return from_dict(DemoConfig, data, where="demo")
+
+
+def main_demo(preset: str = "default", fresh: bool = False, out: str | None = None, redo: list[str] | None = None,
+              seed: int | None = None, settings: Sequence[str] = ()) -> dict[str, Any]:
+    config = demo_config(preset, settings, out=out or None, seed=seed)
     for step in redo or []:
         if step not in STEPS:
             raise VituneError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
@@ -433,4 +443,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the world, backbones, data and training (default 0)")
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     p.add_argument("--redo", action="append", default=[], metavar="STEP", help=f"redo one step and those after it ({', '.join(STEPS)})")
-    p.set_defaults(func=lambda args: main_demo(args.preset, args.fresh, args.out, args.redo, args.seed) and 0)
+    p.add_argument("--set", action="append", default=[], dest="settings", metavar="KEY=VALUE",
+                   help="change a DemoConfig field (src/vitune/demo.py), e.g. --set vqa_per_object='{relation: 1}' "
+                        "--set time_budget=null; with --out elsewhere or --fresh, since finished steps are reused")
+    p.set_defaults(func=lambda args: main_demo(args.preset, args.fresh, args.out, args.redo, args.seed, args.settings) and 0)

@@ -231,6 +231,21 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [coerce(v.strip() if isinstance(v, str) else v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise VituneError(f"{where}: unsupported field type {tp!r}")
+        return tuple(coerce(value, list[args[0]], where))  # type: ignore[valid-type]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, dict):
+            raise VituneError(f"{where}: {value!r} is not a mapping (e.g. {{relation: 1}})")
+        return {coerce(k, key_type, where): coerce(v, value_type, _join(where, str(k))) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
