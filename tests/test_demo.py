@@ -167,11 +167,11 @@ def test_demo_cli_passes_seed_and_out(monkeypatch, tmp_path: Path, capsys) -> No
     main(["demo", "--preset", "quick", "--seed", "3", "--out", str(tmp_path / "d"), "--fresh"])
     assert (seen["config"].seed, seen["config"].out, seen["fresh"]) == (3, str(tmp_path / "d"), True)
     assert seen["config"].backbone_preset == PRESETS["quick"].backbone_preset
-    main(["demo", "--seed", "2", "--set", "vqa_per_object={relation: 1}", "--set", "time_budget=null",
+    main(["demo", "--seed", "2", "--set", "vqa_per_object={relation: 2, count: 1}", "--set", "time_budget=null",
           "--set", "named_kinds=color", "--set", "mix={detail: 7}", "--set", "stage2_overrides=[train.epochs=1]"])
     c = seen["config"]
     assert (c.seed, c.vqa_per_object, c.time_budget, c.named_kinds, c.mix, c.stage2_overrides) == (
-        2, {"relation": 1}, None, ("color",), {"detail": 7}, ["train.epochs=1"])
+        2, {"relation": 2, "count": 1}, None, ("color",), {"detail": 7}, ["train.epochs=1"])
     assert c.vqa_per_type == PRESETS["default"].vqa_per_type and c.out == "runs/demo"
     for bad, message in (("vqa_per_object={relation: many}", "demo.vqa_per_object.relation"),
                          ("vqa_per_object=3", "not a mapping"), ("scenes=lots", "demo.scenes"),
