@@ -70,11 +70,12 @@ class DemoConfig:
     # Questions per type and object in the scene, where that is more than `vqa_per_type` gives:
     # {"relation": 1} asks a four-object scene four relation questions instead of two, for 11 %
     # more questions. Relation fails mostly on crowded scenes (seed 0, 2 / 3 / 4 objects: 0.69 /
-    # 0.71 / 0.44, colour and shape at 0.93-0.99). On the ablations' backbones, 995 steps each, it
-    # took relation from 0.62 to 0.78 at seed 0 (four objects: 0.44 -> 0.79) and from 0.36 to 0.55
-    # at seed 1 (off the colour plateau), 0.70 to 0.67 at seed 2; time-budgeted demos in one hour:
-    # seed 3 relation 0.37 (FAIL) without, 0.64 with (0.89 overall); seed 2 0.88 (docs/demo-notes.md).
-    vqa_per_object: dict[str, int] = field(default_factory=lambda: {"relation": 1})
+    # 0.71 / 0.44, colour and shape at 0.93-0.99). Relation with it minus without, same backbones
+    # or same hour: +0.16, +0.19, -0.03 (seeds 0, 1, 2 at 995 steps), +0.27 (seed 3, one hour,
+    # time-budgeted), -0.08 (seed 0, a fresh clone's backbones, 1,028 steps: 0.63 against 0.71);
+    # the same data and steps with 2 threads and the time budget's warm-up gave 0.55 (a fresh-clone
+    # demo). Not a clear gain, and a loss at the default seed, so off (docs/demo-notes.md).
+    vqa_per_object: dict[str, int] = field(default_factory=dict)
     mc_scenes: int = 0
     # Text-only samples of questions that name their object in full ("What color is the red
     # circle?" -> "red"; `named_object_questions`), `named_turns` per sample. They teach the LM's
@@ -416,7 +417,7 @@ def results_table(metrics: dict[str, Any]) -> str:
 
 def demo_config(preset: str = "default", settings: Sequence[str] = (), **chosen: Any) -> DemoConfig:
     """A preset with `chosen` fields (None: the preset's) and then `key=value` settings applied,
-    each value typed by its `DemoConfig` field (`vqa_per_object={}`, `time_budget=null`)."""
+    each value typed by its `DemoConfig` field (`vqa_per_object={relation: 1}`, `time_budget=null`)."""
     from vitune.train.config import apply_override, from_dict
 
     if preset not in PRESETS:
@@ -445,6 +446,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     p.add_argument("--redo", action="append", default=[], metavar="STEP", help=f"redo one step and those after it ({', '.join(STEPS)})")
     p.add_argument("--set", action="append", default=[], dest="settings", metavar="KEY=VALUE",
-                   help="change a DemoConfig field (src/vitune/demo.py), e.g. --set vqa_per_object={} "
+                   help="change a DemoConfig field (src/vitune/demo.py), e.g. --set vqa_per_object='{relation: 1}' "
                         "--set time_budget=null; with --out elsewhere or --fresh, since finished steps are reused")
     p.set_defaults(func=lambda args: main_demo(args.preset, args.fresh, args.out, args.redo, args.seed, args.settings) and 0)
