@@ -4,7 +4,8 @@ Every case returns a `CaseResult` whose `ratio` is vitune / reference for speeds
 better for vitune), and vitune / the machine's bound for `mfu` and `decode_bw`:
 
 - `decode_b1`: new tokens per second, batch 1, greedy, `new_tokens` after an image prompt, both
-  forced to full length (vitune: a `Decoder` with no end ids and no stop strings; the reference:
+  forced to full length (vitune: a `Decoder` with no end ids and no stop strings, its compiled
+  step where the model is small, the eager step timed beside it as `eager`; the reference:
   `min_new_tokens` = `max_new_tokens`). Timed end to end: prefill plus decoding.
 - `decode_b8`: total new tokens per second, 8 prompts with different images and lengths in one
   batch (left-padded by both).
@@ -43,6 +44,7 @@ import torch
 
 from bench import measure, reference, workloads
 from bench.presets import Built, Preset
+from vitune.model import compiled_step, fast_lm
 from vitune.train import label_positions
 
 CASES = ("decode_b1", "decode_b8", "prefill", "train_step", "mfu", "decode_bw")
@@ -79,7 +81,8 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
 class PresetBench:
     """Both systems loaded once for a preset; cases share them (and some share measurements)."""
 
-    def __init__(self, preset: Preset, built: Built, root: Path, log: Callable[[str], None] = print, clock: str = "wall") -> None:
+    def __init__(self, preset: Preset, built: Built, root: Path, log: Callable[[str], None] = print, clock: str = "wall",
+                 compile_decode: bool = True) -> None:
         from vitune.generation import Decoder
         from vitune.inference import Pipeline
 
@@ -91,43 +94,56 @@ class PresetBench:
         self.pipe = Pipeline.from_pretrained(built.vitune_dir, device="cpu", dtype="float32")
         self.pad_id = self.pipe.processor.tokenizer.pad_token_id
         # No end ids and no stop strings: every row runs its full budget, like min_new_tokens.
-        self.decoder = Decoder(self.pipe.model, self.pipe.processor.decode, set(), self.pad_id)
+        # The decode cases run vitune's compiled step where the model is one it compiles (small,
+        # op-bound models: `vitune.model.compiled_step`) and report its eager step beside it.
+        self.decoder = Decoder(self.pipe.model, self.pipe.processor.decode, set(), self.pad_id, compile_step=compile_decode)
+        self.eager_decoder = Decoder(self.pipe.model, self.pipe.processor.decode, set(), self.pad_id)
+        lm = self.pipe.model.language_model
+        self.compiled = compile_decode and fast_lm.supports(lm) and compiled_step.supports(fast_lm.FastLM(lm, 1, 1))
         self.hf = reference.load_reference(built.hf_dir)
         self.prompts = workloads.image_prompts(self.pipe, max(1, preset.work.batch))
         self.memo: dict[str, Any] = {}
         # Prime both (lazy imports, kernel and allocator set-up) before anything is measured.
-        self.vitune_generate(self.prompts[:2], 2)
+        self.vitune_generate(self.prompts[:2], 2, eager=True)  # the compiled step compiles in its own cases
         self.reference_generate(self.prompts[:2], 2)
 
     # -- the two systems' calls --------------------------------------------------------------------
-    def vitune_generate(self, prompts: list[workloads.Prompt], new_tokens: int) -> list[list[int]]:
+    def vitune_generate(self, prompts: list[workloads.Prompt], new_tokens: int, eager: bool = False) -> list[list[int]]:
         from vitune.generation import SamplingParams
 
         params = [SamplingParams(max_new_tokens=new_tokens) for _ in prompts]
-        outs = self.decoder.generate([p.ids for p in prompts], [p.pixels for p in prompts], params)
+        decoder = self.eager_decoder if eager else self.decoder
+        outs = decoder.generate([p.ids for p in prompts], [p.pixels for p in prompts], params)
         return [o.output_ids for o in outs]
 
     def reference_generate(self, prompts: list[workloads.Prompt], new_tokens: int) -> list[list[int]]:
         pixels = torch.cat([p.pixels for p in prompts])
         return reference.generate(self.hf, [p.ids for p in prompts], pixels, new_tokens, self.pad_id)
 
-    def _pair(self, prompts: list[workloads.Prompt], new_tokens: int, repeats: int) -> dict[str, measure.Timing]:
-        return measure.alternate(
-            {"vitune": lambda: self.vitune_generate(prompts, new_tokens),
-             "reference": lambda: self.reference_generate(prompts, new_tokens)},
-            repeats=repeats, log=self.log, clock=self.clock)
+    def _pair(self, prompts: list[workloads.Prompt], new_tokens: int, repeats: int, eager: bool = False) -> dict[str, measure.Timing]:
+        """Both systems alternating; with `eager` and a compiled step, vitune's eager step too
+        (after one call that compiles the step's shape: a one-time cost, as the priming)."""
+        runs = {"vitune": lambda: self.vitune_generate(prompts, new_tokens),
+                "reference": lambda: self.reference_generate(prompts, new_tokens)}
+        if eager and self.compiled:
+            self.vitune_generate(prompts, new_tokens)
+            runs["vitune_eager"] = lambda: self.vitune_generate(prompts, new_tokens, eager=True)
+        return measure.alternate(runs, repeats=repeats, log=self.log, clock=self.clock)
 
     def _result(self, name: str, unit: str, work: float, t: dict[str, measure.Timing], **details: Any) -> CaseResult:
         v, r = work / t["vitune"].median, work / t["reference"].median
+        if "vitune_eager" in t:
+            e = work / t["vitune_eager"].median
+            details = {"compiled_step": True, "eager": {"vitune": _round(e), "ratio": _round(e / r), "unit": unit}, **details}
         return CaseResult(name, self.preset.name, v, r, unit, v / r, {
-            "seconds": {"vitune": [round(s, 4) for s in t["vitune"].seconds], "reference": [round(s, 4) for s in t["reference"].seconds]},
-            "peak_mb": {"vitune": t["vitune"].peak_mb, "reference": t["reference"].peak_mb},
+            "seconds": {k: [round(s, 4) for s in timing.seconds] for k, timing in t.items()},
+            "peak_mb": {k: timing.peak_mb for k, timing in t.items()},
             **details})
 
     # -- cases -------------------------------------------------------------------------------------
     def decode_b1(self) -> CaseResult:
         n = self.preset.work.new_tokens
-        t = self._pair(self.prompts[:1], n, self.preset.work.repeats)
+        t = self._pair(self.prompts[:1], n, self.preset.work.repeats, eager=True)
         self.memo["decode_b1"] = t
         same = _agreement(t["vitune"].result, t["reference"].result)
         return self._result("decode_b1", "tokens/s", n, t, new_tokens=n, prompt_tokens=len(self.prompts[0].ids), token_agreement=same)
@@ -135,7 +151,7 @@ class PresetBench:
     def decode_b8(self) -> CaseResult:
         w = self.preset.work
         prompts = self.prompts[: w.batch]
-        t = self._pair(prompts, w.batch_new_tokens, w.repeats)
+        t = self._pair(prompts, w.batch_new_tokens, w.repeats, eager=True)
         same = _agreement(t["vitune"].result, t["reference"].result)
         return self._result("decode_b8", "tokens/s", w.batch_new_tokens * len(prompts), t, batch=len(prompts),
                             new_tokens_per_row=w.batch_new_tokens, prompt_tokens=[len(p.ids) for p in prompts],

@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                              "machine is busy and the run single-threaded, else wall)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per decode case (default: the preset's)")
     parser.add_argument("--new-tokens", type=int, default=None, help="decode_b1 new tokens (default: the preset's, 128)")
+    parser.add_argument("--no-compile-decode", action="store_true",
+                        help="vitune's eager decode step only (default: the compiled step where the model is one it compiles, "
+                             "its eager step reported beside it)")
     args = parser.parse_args(argv)
 
     presets = _split(args.presets, PRESET_NAMES, "preset")
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             preset = with_overrides(preset, **overrides)
         built = build(preset, root, log=log)
-        bench = PresetBench(preset, built, root, log=log, clock=clock)
+        bench = PresetBench(preset, built, root, log=log, clock=clock, compile_decode=not args.no_compile_decode)
         presets_info[name] = {"note": preset.note, "shape": preset.shape.__dict__, "workload": preset.work.__dict__,
                               "parameters_m": round(sum(p.numel() for p in bench.pipe.model.parameters()) / 1e6, 2),
                               "image_tokens": bench.pipe.model.config.num_image_tokens}
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"ratio {result['ratio']:.3f}"
                 + (f" (work per sample: reference / vitune = {result['flop_ratio']:.3f}; GFLOP/s vitune "
                    f"{result['gflop_per_s']['vitune']:.4g}, reference {result['gflop_per_s']['reference']:.4g})"
-                   if "flop_ratio" in result else ""))
+                   if "flop_ratio" in result else "")
+                + (f" (eager step: vitune {result['eager']['vitune']:.4g}, ratio {result['eager']['ratio']:.3f})" if "eager" in result else ""))
             machine["load_average_end"] = measure.load_average()
             atomic_write_json(out, {"machine": machine, "presets": presets_info, "cases": results})
         del bench

@@ -23,7 +23,9 @@ from vitune.errors import VituneError  # noqa: E402
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("bench")
-    assert main(["--presets", "smoke", "--root", str(root), "--threads", "1"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VITUNE_CACHE_DIR", str(root / "cache"))  # the compiled decode steps' libraries
+        assert main(["--presets", "smoke", "--root", str(root), "--threads", "1"]) == 0
     return json.loads((root / "results.json").read_text())
 
 
@@ -48,7 +50,11 @@ def test_smoke_run_records_repeats_memory_and_bounds(smoke_results: dict) -> Non
     work = get_preset("smoke").work
     b1 = by_name["decode_b1"]
     assert len(b1["seconds"]["vitune"]) == len(b1["seconds"]["reference"]) == work.repeats
-    assert set(b1["peak_mb"]) == {"vitune", "reference"}
+    # the smoke model is small: vitune decodes with its compiled step, its eager step timed beside it
+    for case in (b1, by_name["decode_b8"]):
+        assert case["compiled_step"] is True and set(case["peak_mb"]) == {"vitune", "reference", "vitune_eager"}
+        assert case["eager"]["ratio"] == pytest.approx(case["eager"]["vitune"] / case["reference"], rel=2e-3)
+        assert len(case["seconds"]["vitune_eager"]) == work.repeats
     # both systems produced full-length outputs that can be compared token by token
     assert 0.0 <= b1["token_agreement"] <= 1.0 and b1["new_tokens"] == work.new_tokens
     assert by_name["decode_b8"]["batch"] == work.batch and len(set(by_name["decode_b8"]["prompt_tokens"])) > 1

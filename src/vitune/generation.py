@@ -125,9 +125,12 @@ def _hold_back(text: str, stops: Sequence[str]) -> int:
 class Decoder:
     """Runs batches of prompts through a LlavaModel. `decode(ids)` turns ids into text."""
 
-    def __init__(self, model, decode: Callable[[list[int]], str], eos_ids: set[int], pad_id: int, stop_strings: Sequence[str] = (), fast: bool = True) -> None:
+    def __init__(self, model, decode: Callable[[list[int]], str], eos_ids: set[int], pad_id: int, stop_strings: Sequence[str] = (), fast: bool = True,
+                 compile_step: bool = False) -> None:
         self.model = model
         self.fast = fast  # the lean Llama-family forward; False forces transformers' own
+        # small models' decode steps compiled ahead of time per batch and cache length (`compiled_step`)
+        self.compile_step = compile_step
         self.decode = decode
         self.eos_ids = set(eos_ids)
         self.pad_id = pad_id
@@ -169,7 +172,7 @@ class Decoder:
         features = model.encode_images(torch.cat(pixels)) if pixels else None
         embeds = model.embed(ids, image_features=features)
         max_len = width + max(r.params.max_new_tokens for r in rows)
-        runner = FastLM(lm, len(rows), max_len) if self.fast and supports(lm) else _HFRunner(lm)
+        runner = FastLM(lm, len(rows), max_len, compiled=self.compile_step) if self.fast and supports(lm) else _HFRunner(lm)
         logits = runner.prefill(embeds, mask)
         live = list(range(len(rows)))  # batch position -> row index
         needs_history = any(r.params.repetition_penalty != 1.0 for r in rows)

@@ -45,18 +45,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class Pipeline:
-    def __init__(self, model: LlavaModel, processor: LlavaProcessor) -> None:
+    def __init__(self, model: LlavaModel, processor: LlavaProcessor, compile_decode: bool = False) -> None:
         self.model = model.eval()
         self.processor = processor
         tok = processor.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.decoder = Decoder(model, processor.decode, processor.eos_token_ids(), pad, processor.stop_strings())
+        self.decoder = Decoder(model, processor.decode, processor.eos_token_ids(), pad, processor.stop_strings(),
+                               compile_step=compile_decode)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> Pipeline:
+    def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str = "auto", compile_decode: bool = False) -> Pipeline:
+        """`compile_decode`: small models' decode steps compiled ahead of time (`model.compiled_step`)."""
         dev = resolve_device(device)
         model = LlavaModel.from_pretrained(path, dtype=resolve_dtype(dtype, dev), device=dev)
-        return cls(model, LlavaProcessor.from_pretrained(path, model.config))
+        return cls(model, LlavaProcessor.from_pretrained(path, model.config), compile_decode=compile_decode)
 
     @property
     def context_length(self) -> int:
