@@ -70,12 +70,14 @@ class DemoConfig:
     # Questions per type and object in the scene, where that is more than `vqa_per_type` gives:
     # {"relation": 1} asks a four-object scene four relation questions instead of two, for 11 %
     # more questions. Relation fails mostly on crowded scenes (seed 0, 2 / 3 / 4 objects: 0.69 /
-    # 0.71 / 0.44, colour and shape at 0.93-0.99). With stage 2's Muon at 2x the lr it was no clear
-    # gain (relation +0.16, +0.19, -0.03, +0.27, -0.08, +0.34 over six paired runs, the default
-    # seed among the losses); at 4x (world-stage2) it gave the best relation on both backbones
-    # tried, ~1,000 steps: seed 3 0.74 (0.69 without it, 0.38 at 2x without), seed 0 0.79 (0.70,
-    # 0.71). docs/demo-notes.md, the ninth session.
-    vqa_per_object: dict[str, int] = field(default_factory=lambda: {"relation": 1})
+    # 0.71 / 0.44, colour and shape at 0.93-0.99). Relation with it minus without, same backbones
+    # or same hour: +0.16, +0.19, -0.03 (seeds 0, 1, 2 at 995 steps), +0.27 (seed 3, one hour,
+    # time-budgeted), -0.08 (seed 0, a fresh clone's backbones, 1,028 steps: 0.63 against 0.71);
+    # the same data and steps with 2 threads and the time budget's warm-up gave 0.55 (a fresh-clone
+    # demo). Not a clear gain, and a loss at the default seed, so off. With Muon at 4x the lr it was
+    # the best on both fixed backbones tried (relation 0.74, 0.79), but a fresh seed-0 demo with
+    # both stayed on the colour plateau (0.756; docs/demo-notes.md).
+    vqa_per_object: dict[str, int] = field(default_factory=dict)
     mc_scenes: int = 0
     # Text-only samples of questions that name their object in full ("What color is the red
     # circle?" -> "red"; `named_object_questions`), `named_turns` per sample. They teach the LM's
@@ -417,7 +419,7 @@ def results_table(metrics: dict[str, Any]) -> str:
 
 def demo_config(preset: str = "default", settings: Sequence[str] = (), **chosen: Any) -> DemoConfig:
     """A preset with `chosen` fields (None: the preset's) and then `key=value` settings applied,
-    each value typed by its `DemoConfig` field (`vqa_per_object={}`, `time_budget=null`)."""
+    each value typed by its `DemoConfig` field (`vqa_per_object={relation: 1}`, `time_budget=null`)."""
     from vitune.train.config import apply_override, from_dict
 
     if preset not in PRESETS:
@@ -446,6 +448,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     p.add_argument("--redo", action="append", default=[], metavar="STEP", help=f"redo one step and those after it ({', '.join(STEPS)})")
     p.add_argument("--set", action="append", default=[], dest="settings", metavar="KEY=VALUE",
-                   help="change a DemoConfig field (src/vitune/demo.py), e.g. --set vqa_per_object={} "
+                   help="change a DemoConfig field (src/vitune/demo.py), e.g. --set vqa_per_object='{relation: 1}' "
                         "--set time_budget=null; with --out elsewhere or --fresh, since finished steps are reused")
     p.set_defaults(func=lambda args: main_demo(args.preset, args.fresh, args.out, args.redo, args.seed, args.settings) and 0)
