@@ -81,6 +81,15 @@ def test_compiled_step_falls_back_to_eager(tiny_model_dir: Path, cache: Path, mo
     def broken(fl: FastLM) -> None:
         raise RuntimeError("no C++ compiler")
 
+    # A model whose layers are too large to fuse is not compiled: its cache keeps its exact length.
+    from vitune.model import fast_lm
+
+    with monkeypatch.context() as m:
+        m.setattr(fast_lm, "FUSE_BYTES", 0)
+        unfused = FastLM(pipe.model.language_model, 1, 70, compiled=True)
+        assert not unfused._compile and unfused.k[0].shape[2] == 70
+        assert _decode(pipe, compile_step=True) == eager
+
     monkeypatch.setattr(compiled_step, "load_step", broken)
     with caplog.at_level(logging.WARNING):
         assert _decode(pipe, compile_step=True) == eager

@@ -139,12 +139,6 @@ class FastLM:
 
     def __init__(self, lm: nn.Module, batch: int, max_len: int, compiled: bool = False) -> None:
         self.lm = lm
-        # compiled: decode steps by `compiled_step` where the model is small enough to be op-bound
-        # (its cache length rounded up to a shared size, the cache zeroed for masked reads)
-        self._compile = compiled
-        self._compiled_step: Callable[..., torch.Tensor] | None = None
-        if compiled:
-            max_len = compiled_step.cache_length(max_len)
         self.inner = lm.model
         cfg = lm.config
         self.heads = cfg.num_attention_heads
@@ -162,16 +156,23 @@ class FastLM:
         self.head_b = lm.lm_head.bias
         self._weights = [(self.head, self.head_b)] + [pair for w in self.layers for pair in w.products()]
         self._kernels: dict[int, Callable[..., torch.Tensor]] = {}
+        rotary = self.inner.rotary_emb
+        self.rope_table = getattr(rotary, "rope_type", "default") not in _DYNAMIC_ROPE
+        # compiled: decode steps by `compiled_step`, where the model is one it handles (small,
+        # op-bound); then the cache length is rounded up to a shared size and the cache zeroed
+        # (its unwritten columns are read, masked)
+        self._compile = compiled and compiled_step.supports(self)
+        self._compiled_step: Callable[..., torch.Tensor] | None = None
+        if self._compile:
+            max_len = compiled_step.cache_length(max_len)
         p = self.embed
         shape = (batch, self.kv_heads, max_len, self.head_dim)
-        alloc = torch.zeros if compiled else torch.empty
+        alloc = torch.zeros if self._compile else torch.empty
         self.k = [alloc(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.v = [alloc(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=p.device)  # key columns that are real tokens
         self.padded = False  # no row has padding: attention needs no mask
         self.length = 0
-        rotary = self.inner.rotary_emb
-        self.rope_table = getattr(rotary, "rope_type", "default") not in _DYNAMIC_ROPE
         if self.rope_table:
             positions = torch.arange(max_len, device=p.device)[None]
             cos, sin = rotary(torch.empty(0, dtype=p.dtype, device=p.device), positions)
@@ -300,12 +301,9 @@ class FastLM:
         return self._logits(self._forward(hidden, positions, attn_mask, causal=False))
 
     def _load_compiled(self) -> bool:
-        """The compiled step, loaded (or compiled) at the first step; where the model is not one
-        it handles or compiling fails (no C++ compiler, say), the eager step from then on."""
+        """The compiled step, loaded (or compiled) at the first step; where compiling fails (no
+        C++ compiler, say), the eager step from then on."""
         if self._compiled_step is None:
-            if not compiled_step.supports(self):
-                self._compile = False
-                return False
             try:
                 self._compiled_step = compiled_step.load_step(self)
             except Exception as err:  # noqa: BLE001 - any compiler failure: decode eagerly, never fail the request
