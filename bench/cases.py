@@ -44,7 +44,7 @@ import torch
 
 from bench import measure, reference, workloads
 from bench.presets import Built, Preset
-from vitune.model import compiled_step, fast_lm
+from vitune.model import fast_lm
 from vitune.train import label_positions
 
 CASES = ("decode_b1", "decode_b8", "prefill", "train_step", "mfu", "decode_bw")
@@ -99,7 +99,7 @@ class PresetBench:
         self.decoder = Decoder(self.pipe.model, self.pipe.processor.decode, set(), self.pad_id, compile_step=compile_decode)
         self.eager_decoder = Decoder(self.pipe.model, self.pipe.processor.decode, set(), self.pad_id)
         lm = self.pipe.model.language_model
-        self.compiled = compile_decode and fast_lm.supports(lm) and compiled_step.supports(fast_lm.FastLM(lm, 1, 1))
+        self.compiled = compile_decode and fast_lm.supports(lm) and fast_lm.FastLM(lm, 1, 1, compiled=True).compiled
         self.hf = reference.load_reference(built.hf_dir)
         self.prompts = workloads.image_prompts(self.pipe, max(1, preset.work.batch))
         self.memo: dict[str, Any] = {}

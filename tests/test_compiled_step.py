@@ -87,7 +87,7 @@ def test_compiled_step_falls_back_to_eager(tiny_model_dir: Path, cache: Path, mo
     with monkeypatch.context() as m:
         m.setattr(fast_lm, "FUSE_BYTES", 0)
         unfused = FastLM(pipe.model.language_model, 1, 70, compiled=True)
-        assert not unfused._compile and unfused.k[0].shape[2] == 70
+        assert not unfused.compiled and unfused.k[0].shape[2] == 70
         assert _decode(pipe, compile_step=True) == eager
 
     monkeypatch.setattr(compiled_step, "load_step", broken)

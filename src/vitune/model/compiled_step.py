@@ -27,14 +27,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from vitune.model.fast_lm import FastLM
+from vitune.model.fast_lm import FastLM, rms_norm, rotate
 
 log = logging.getLogger(__name__)
 CACHE_LENGTH_STEP = 64  # cache lengths round up to this, so nearby prompt lengths share a library
@@ -114,20 +111,18 @@ class StepGraph(nn.Module):
             down_w = next(it)
             down_b = next(it) if next(has_bias) else None
             eps1, eps2 = next(eps), next(eps)
-            x = F.rms_norm(hidden, ln1.shape, ln1, eps1)
+            x = rms_norm(hidden, ln1, eps1)
             qkv = F.linear(x, qkv_w, qkv_b).view(b, 1, nq + 2 * nkv, d)
-            qk, val = qkv[:, :, : nq + nkv], qkv[:, :, nq + nkv :]
-            flipped = qk.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
-            qk = torch.addcmul(qk * cos, flipped, sin)
+            qk, val = rotate(qkv[:, :, : nq + nkv], cos, sin), qkv[:, :, nq + nkv :]
             k[i].index_copy_(2, slot, qk[:, :, nq:].transpose(1, 2))
             v[i].index_copy_(2, slot, val.transpose(1, 2))
             out = F.scaled_dot_product_attention(qk[:, :, :nq].transpose(1, 2), k[i], v[i], attn_mask=mask, scale=s.scale,
                                                  enable_gqa=nq != nkv)
             hidden = hidden + F.linear(out.transpose(1, 2).reshape(b, 1, nq * d), o_w, o_b)
-            x = F.rms_norm(hidden, ln2.shape, ln2, eps2)
+            x = rms_norm(hidden, ln2, eps2)
             gate, up = F.linear(x, gate_up_w, gate_up_b).chunk(2, dim=-1)
             hidden = hidden + F.linear(F.silu(gate) * up, down_w, down_b)
-        h = F.rms_norm(hidden, norm.shape, norm, next(eps))
+        h = rms_norm(hidden, norm, next(eps))
         return F.linear(h, head, head_b)[:, -1]
 
 
@@ -140,7 +135,7 @@ def _inputs(fl: FastLM, ws: list[torch.Tensor]) -> tuple:
 
 
 def _key(spec: StepSpec, args: tuple) -> str:
-    leaves = [a for a in args[:4]] + list(args[4]) + list(args[5]) + list(args[6])
+    leaves = [*args[:4], *args[4], *args[5], *args[6]]
     shapes = [(tuple(t.shape), str(t.dtype)) for t in leaves]
     # The CPU's vector ISA too: the library is native code, and a home directory may be shared by machines.
     text = json.dumps({"spec": asdict(spec), "shapes": shapes, "device": str(args[0].device), "torch": torch.__version__,

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitune.model import compiled_step
 from vitune.model.kernels import linear_for
 
 log = logging.getLogger(__name__)
@@ -116,7 +115,7 @@ def _layer(layer: nn.Module, hidden_act: str, fuse: bool) -> _Layer:
     )  # fmt: skip
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale."""
     if x.dtype == torch.float32:  # one op instead of six; bit-identical in our checks
         return F.rms_norm(x, weight.shape, weight, eps)
@@ -124,9 +123,17 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, for x [B, T, heads, D] (queries and keys together) and the
+    signed sin of `FastLM._signed`."""
+    d = x.shape[-1]
+    flipped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, flipped, sin)
+
+
 def _mlp_block(w: _Layer, hidden: torch.Tensor, mm: Callable[..., torch.Tensor]) -> torch.Tensor:
     """The layer's second half: `hidden` plus its MLP of the post-attention norm."""
-    x = _rms(hidden, w.ln2, w.eps2)
+    x = rms_norm(hidden, w.ln2, w.eps2)
     if w.gate_up is not None:
         gate, up = mm(x, w.gate_up, w.gate_up_b).chunk(2, dim=-1)
     else:
@@ -160,14 +167,18 @@ class FastLM:
         self.rope_table = getattr(rotary, "rope_type", "default") not in _DYNAMIC_ROPE
         # compiled: decode steps by `compiled_step`, where the model is one it handles (small,
         # op-bound); then the cache length is rounded up to a shared size and the cache zeroed
-        # (its unwritten columns are read, masked)
-        self._compile = compiled and compiled_step.supports(self)
+        # (its unwritten columns are read, masked). False again once the steps run eagerly.
+        self.compiled = False
         self._compiled_step: Callable[..., torch.Tensor] | None = None
-        if self._compile:
-            max_len = compiled_step.cache_length(max_len)
+        if compiled:
+            from vitune.model import compiled_step  # it imports this module
+
+            self.compiled = compiled_step.supports(self)
+            if self.compiled:
+                max_len = compiled_step.cache_length(max_len)
         p = self.embed
         shape = (batch, self.kv_heads, max_len, self.head_dim)
-        alloc = torch.zeros if self._compile else torch.empty
+        alloc = torch.zeros if self.compiled else torch.empty
         self.k = [alloc(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.v = [alloc(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=p.device)  # key columns that are real tokens
@@ -193,12 +204,6 @@ class FastLM:
             sin = self._signed(sin)
         return cos.unsqueeze(2), sin.unsqueeze(2)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x * cos + rotate_half(x) * sin, for x [B, T, heads, D] (queries and keys together)."""
-        b, t, h, d = x.shape
-        flipped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
-        return torch.addcmul(x * cos, flipped, sin)
-
     def _forward(self, hidden: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         b, t, _ = hidden.shape
         start, end = self.length, self.length + t
@@ -207,16 +212,16 @@ class FastLM:
         mm = self._linear(b * t)
         last = len(self.layers) - 1
         for i, w in enumerate(self.layers):
-            x = _rms(hidden, w.ln1, w.eps1)
+            x = rms_norm(hidden, w.ln1, w.eps1)
             if i == last and t > 1:
                 return self._last_layer_at_end(w, x, hidden, cos, sin, attn_mask)
             if w.qkv is not None:
                 qkv = mm(x, w.qkv, w.qkv_b).view(b, t, nq + 2 * nkv, d)
-                qk, v = self._rotate(qkv[:, :, : nq + nkv], cos, sin), qkv[:, :, nq + nkv :]
+                qk, v = rotate(qkv[:, :, : nq + nkv], cos, sin), qkv[:, :, nq + nkv :]
             else:
                 q = mm(x, w.q, w.qb).view(b, t, nq, d)
                 k = mm(x, w.k, w.kb).view(b, t, nkv, d)
-                qk = self._rotate(torch.cat((q, k), dim=2), cos, sin)
+                qk = rotate(torch.cat((q, k), dim=2), cos, sin)
                 v = mm(x, w.v, w.vb).view(b, t, nkv, d)
             self.k[i][:, :, start:end] = qk[:, :, nq:].transpose(1, 2)
             self.v[i][:, :, start:end] = v.transpose(1, 2)
@@ -226,7 +231,7 @@ class FastLM:
             )  # fmt: skip
             hidden = _mlp_block(w, hidden + mm(out.transpose(1, 2).reshape(b, t, nq * d), w.o, w.ob), mm)
         self.length = end
-        return _rms(hidden[:, -1:], self.norm, self.norm_eps)
+        return rms_norm(hidden[:, -1:], self.norm, self.norm_eps)
 
     def _last_layer_at_end(self, w: _Layer, x: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -246,8 +251,8 @@ class FastLM:
         else:
             wq, bq = w.q, w.qb
             k, v = mm(x, w.k, w.kb).view(b, t, nkv, d), mm(x, w.v, w.vb).view(b, t, nkv, d)
-        q = self._rotate(mm1(x[:, -1:], wq, bq).view(b, 1, nq, d), cos[:, -1:], sin[:, -1:])
-        self.k[-1][:, :, start:end] = self._rotate(k, cos, sin).transpose(1, 2)
+        q = rotate(mm1(x[:, -1:], wq, bq).view(b, 1, nq, d), cos[:, -1:], sin[:, -1:])
+        self.k[-1][:, :, start:end] = rotate(k, cos, sin).transpose(1, 2)
         self.v[-1][:, :, start:end] = v.transpose(1, 2)
         # One query per row, the last: it sees every real key, so no causal mask (SDPA's would
         # align a lone query with the first key).
@@ -257,7 +262,7 @@ class FastLM:
         )  # fmt: skip
         h = _mlp_block(w, hidden[:, -1:] + mm1(out.transpose(1, 2).reshape(b, 1, nq * d), w.o, w.ob), mm1)
         self.length = end
-        return _rms(h, self.norm, self.norm_eps)
+        return rms_norm(h, self.norm, self.norm_eps)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._linear(hidden.shape[0] * hidden.shape[1])(hidden, self.head, self.head_b)[:, -1].float()
@@ -286,7 +291,7 @@ class FastLM:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row [B] -> logits [B, V]."""
-        if self._compile and self._load_compiled():
+        if self.compiled and self._load_compiled():
             self.valid[:, self.length] = True
             slot = torch.full((1,), self.length, dtype=torch.long, device=tokens.device)
             logits = self._compiled_step(tokens.reshape(-1), self.next_pos.view(-1, 1), slot)  # type: ignore[misc]
@@ -304,17 +309,19 @@ class FastLM:
         """The compiled step, loaded (or compiled) at the first step; where compiling fails (no
         C++ compiler, say), the eager step from then on."""
         if self._compiled_step is None:
+            from vitune.model import compiled_step
+
             try:
                 self._compiled_step = compiled_step.load_step(self)
             except Exception as err:  # noqa: BLE001 - any compiler failure: decode eagerly, never fail the request
                 log.warning("the compiled decode step is not available (%s: %s); decoding eagerly", type(err).__name__, err)
-                self._compile = False
+                self.compiled = False
                 return False
         return True
 
     def select(self, rows: torch.Tensor) -> None:
         # A smaller batch is another shape: its steps run eagerly (the cache layout is the same).
-        self._compile, self._compiled_step = False, None
+        self.compiled, self._compiled_step = False, None
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
         self.valid = self.valid.index_select(0, rows)
