@@ -68,6 +68,13 @@ def test_compiled_step_gives_the_eager_numbers_and_is_shared_by_shape(tiny_model
     other_pipe = Pipeline(other, pipe.processor)
     assert _decode(other_pipe, compile_step=True) == _decode(other_pipe, compile_step=False) != eager
     assert len(list(cache.glob("*.pt2"))) == 1
+    # The key covers the step's code: an edited step would not load the old library.
+    fl = FastLM(pipe.model.language_model, 1, 70, compiled=True)
+    args = compiled_step._inputs(fl, compiled_step.weights(fl))
+    key = compiled_step._key(compiled_step.StepSpec.of(fl), args)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(compiled_step.inspect, "getsource", lambda f: f.__name__ + " edited")
+        assert compiled_step._key(compiled_step.StepSpec.of(fl), args) != key
 
 
 def test_compiled_step_falls_back_to_eager(tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,

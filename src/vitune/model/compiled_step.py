@@ -12,13 +12,14 @@ cache starts zeroed, since a masked NaN would still poison the weighted sum), an
 token's keys and values go to column `slot` in place. Weights are inputs, not constants baked
 into the library, so one library serves every model of the same shape and never goes stale when
 a model trains between generations. Libraries are cached on disk (`VITUNE_CACHE_DIR`, default
-~/.cache/vitune, under `aoti/`), keyed by the shapes, dtypes, device, torch version and CPU ISA (native code), and
+~/.cache/vitune, under `aoti/`), keyed by the shapes, dtypes, device, torch version, CPU ISA (native code) and the step's source, and
 written under a temporary name then renamed, so a crash never leaves half a library.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -137,9 +138,11 @@ def _inputs(fl: FastLM, ws: list[torch.Tensor]) -> tuple:
 def _key(spec: StepSpec, args: tuple) -> str:
     leaves = [*args[:4], *args[4], *args[5], *args[6]]
     shapes = [(tuple(t.shape), str(t.dtype)) for t in leaves]
-    # The CPU's vector ISA too: the library is native code, and a home directory may be shared by machines.
+    # The CPU's vector ISA too: the library is native code, and a home directory may be shared by
+    # machines. And the step's own code, so an edited step never loads a library of the old one.
+    code = "".join(inspect.getsource(f) for f in (StepGraph, rotate, rms_norm))
     text = json.dumps({"spec": asdict(spec), "shapes": shapes, "device": str(args[0].device), "torch": torch.__version__,
-                       "cpu": [platform.machine(), torch.backends.cpu.get_cpu_capability()]})
+                       "cpu": [platform.machine(), torch.backends.cpu.get_cpu_capability()], "code": code})
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
