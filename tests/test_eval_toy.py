@@ -80,6 +80,14 @@ def test_vqa_questions_are_stable_and_scored_per_type(world: Path) -> None:
     expected = sum(i.fields["answer"] == "yes" for i in items) / len(items)
     assert result["accuracy"] == pytest.approx(expected)
     assert result["by_type"]["color"]["accuracy"] == 0.0
+    # the same scores by the scene's object count
+    counts = {i.fields["objects"] for i in items}
+    assert set(result["by_objects"]) == {str(c) for c in counts}
+    assert sum(v["n"] for v in result["by_objects"].values()) == len(items)
+    for c, v in result["by_objects"].items():
+        mine = [i for i in items if i.fields["objects"] == int(c)]
+        assert v["accuracy"] == pytest.approx(sum(i.fields["answer"] == "yes" for i in mine) / len(mine))
+        assert sum(e["n"] for e in v["by_type"].values()) == len(mine)
     # missing answers count as wrong
     assert score_task("toy-vqa", world, {}, limit=6)["accuracy"] == 0.0
 

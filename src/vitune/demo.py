@@ -238,6 +238,8 @@ class Demo:
                 "chance": r["chance"],
                 "by_type": {t: {k: v[k] for k in ("accuracy", "chance", "n")} for t, v in r.get("by_type", {}).items()},
             }
+            if "by_objects" in r:
+                results[task]["by_objects"] = r["by_objects"]
         line = ", ".join(f"{t} {results[t]['accuracy']:.3f} (chance {results[t]['chance']:.3f})" for t in EVAL_TASKS)
         return {"eval": results, "line": line}
 

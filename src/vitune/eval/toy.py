@@ -12,7 +12,8 @@
   "chance" is the relative score of another scene's reference answer (an answer blind to the image).
 
 Every scored result carries the summary the demo reads: `accuracy` and `chance` as fractions in
-[0, 1] and `by_type: {TYPE: {"accuracy", "chance", "n"}}`. Questions are drawn with one random
+[0, 1] and `by_type: {TYPE: {"accuracy", "chance", "n"}}`; toy-vqa adds `by_objects: {N: {"accuracy",
+"n", "by_type"}}`, the same by the scene's object count. Questions are drawn with one random
 generator per scene (seeded by the task, the seed and the scene id), so answering in shards, with
 a limit, or again later always asks the same questions.
 
@@ -140,7 +141,7 @@ def vqa_items(
                     question_id=f"{scene.id}:{k}",
                     prompt=f"<image>\n{q.short_answer_prompt}",
                     images=(scene_image(world, scene),),
-                    fields={"type": q.type, "answer": q.answer, "image": scene.image},
+                    fields={"type": q.type, "answer": q.answer, "image": scene.image, "objects": len(scene.instances)},
                 )
             )
     return items
@@ -151,6 +152,9 @@ def score_vqa(items: Sequence[EvalItem], answers: dict[str, str]) -> dict:
     if not items:
         raise VituneError("toy-vqa: no questions to score")
     per_type: dict[str, list[bool]] = {}
+    # Crowded scenes are where a small model's second look-up fails (relation with three
+    # distractors), so scores are also kept by the scene's object count.
+    per_count: dict[int, dict[str, list[bool]]] = {}
     missing = []
     for item in items:
         reply = answers.get(str(item.question_id))
@@ -158,13 +162,21 @@ def score_vqa(items: Sequence[EvalItem], answers: dict[str, str]) -> dict:
             missing.append(item.question_id)
         ok = reply is not None and normalize_answer(reply) == normalize_answer(item.fields["answer"])
         per_type.setdefault(item.fields["type"], []).append(ok)
+        if "objects" in item.fields:
+            per_count.setdefault(item.fields["objects"], {}).setdefault(item.fields["type"], []).append(ok)
     summary = accuracy_by_type(per_type)
+    by_objects = {}
+    for count, hits in sorted(per_count.items()):
+        part = accuracy_by_type(hits)
+        by_objects[str(count)] = {"accuracy": part["accuracy"], "n": part["n"],
+                                  "by_type": {t: {k: v[k] for k in ("accuracy", "n")} for t, v in part["by_type"].items()}}
     return {
         "task": "toy-vqa",
         "accuracy": summary["accuracy"],
         "chance": summary["chance"],
         "n": summary["n"],
         "by_type": summary["by_type"],
+        "by_objects": by_objects,
         "missing": missing,
         "extra": sorted(set(answers) - {str(i.question_id) for i in items}),
     }
