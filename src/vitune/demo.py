@@ -74,9 +74,11 @@ class DemoConfig:
     # or same hour: +0.16, +0.19, -0.03 (seeds 0, 1, 2 at 995 steps), +0.27 (seed 3, one hour,
     # time-budgeted), -0.08 (seed 0, a fresh clone's backbones, 1,028 steps: 0.63 against 0.71);
     # the same data and steps with 2 threads and the time budget's warm-up gave 0.55 (a fresh-clone
-    # demo). Not a clear gain, and a loss at the default seed, so off. With Muon at 4x the lr it was
-    # the best on both fixed backbones tried (relation 0.74, 0.79), but a fresh seed-0 demo with
-    # both stayed on the colour plateau (0.756; docs/demo-notes.md).
+    # demo). Not a clear gain, and a loss at the default seed, so off. On the time budget it has
+    # passed three of five demos (seed 0 at relation 0.92, the best yet; seed 6 on the plateau);
+    # with Muon at 4x the lr three of six, the other three on the colour plateau. The defaults:
+    # ten of fourteen. The misses are stage 2 cut short: seed 6's backbones reach relation 0.87
+    # at 2,200 steps with the defaults, where the demo gave 1,376 (docs/demo-notes.md).
     vqa_per_object: dict[str, int] = field(default_factory=dict)
     mc_scenes: int = 0
     # Text-only samples of questions that name their object in full ("What color is the red
