@@ -238,3 +238,14 @@ def test_toy_cli_answer_score_and_judge(world: Path, tiny_model_dir: Path, tmp_p
     assert main(["eval", "judge", "toy-bench", *common, "--answers", str(bench_answers), "--out", str(reviews)]) == 0
     assert main(["eval", "score", "llava-bench", "--reviews", str(reviews), "--out", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["categories"] == result["categories"]
+
+
+def test_toy_cli_one_go_asks_with_its_seed(world: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "seed5"
+    assert main(["eval", "toy", "toy-vqa", "--world", str(world), "--model", str(tiny_model_dir), "--out-dir", str(out),
+                 "--scenes", "3", "--seed", "5", "--device", "cpu"]) == 0  # fmt: skip
+    asked = [r["prompt"] for r in read_jsonl(out / "toy-vqa.answers.jsonl")]
+    assert asked == [i.prompt for i in vqa_items(world, limit=3, seed=5)]
+    assert asked != [i.prompt for i in vqa_items(world, limit=3, seed=0)]
+    result = json.loads((out / "toy-vqa.json").read_text())
+    assert result["n"] == len(asked) and "by_objects" in result

@@ -98,6 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     toy.add_argument("--model", type=Path, required=True, help="vitune model directory")
     toy.add_argument("--out-dir", type=Path, required=True, help="writes TASK.answers.jsonl and TASK.json there")
     toy.add_argument("--scenes", type=int, default=None, help="first N held-out scenes (default all)")
+    toy.add_argument("--seed", type=int, default=0,
+                     help="question sampling seed (default 0; `vitune demo --seed N` asks with N)")
     toy.add_argument("--batch-size", type=int, default=8)
     toy.add_argument("--device", default="auto")
     toy.set_defaults(func=_toy)
@@ -301,7 +303,7 @@ def _to_llava(args: argparse.Namespace) -> int:
 def _toy(args: argparse.Namespace) -> int:
     from vitune.eval.toy import run_toy_task
 
-    result = run_toy_task(args.task, args.world, args.model, args.out_dir, limit=args.scenes,
+    result = run_toy_task(args.task, args.world, args.model, args.out_dir, limit=args.scenes, seed=args.seed,
                           batch_size=args.batch_size, device=args.device)  # fmt: skip
     print(json.dumps({k: result[k] for k in ("accuracy", "chance", "by_type")}, indent=2))
     return 0
