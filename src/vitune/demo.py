@@ -89,6 +89,10 @@ class DemoConfig:
     # full runs with them (new backbones each) gave 0.607 and 0.637, so they help, not guarantee.
     # That was with AdamW; with Muon stage 2 binds colour and shape without them (0.99 and 0.96 on
     # the seed-0 backbones), and their 11% of the words is better spent on relation questions.
+    # With the Muon LM they bring relation forward instead: on seed 6's backbones (whose demo
+    # stopped at 1,376 steps, relation 0.31) 500 of them gave relation 0.82 at 1,320 fixed steps,
+    # against the defaults' 0.35 (docs/demo-notes.md, the tenth session). Not yet tried on enough
+    # time-budgeted demos to be the default.
     named_samples: int = 0
     named_turns: int = 6
     named_kinds: tuple[str, ...] = ("color", "shape")  # `questions.named_object_questions`'s kinds
