@@ -91,8 +91,8 @@ class DemoConfig:
     # the seed-0 backbones), and their 11% of the words is better spent on relation questions.
     # With the Muon LM they bring relation forward instead: on seed 6's backbones (whose demo
     # stopped at 1,376 steps, relation 0.31) 500 of them gave relation 0.82 at 1,320 fixed steps,
-    # against the defaults' 0.35 (docs/demo-notes.md, the tenth session). Not yet tried on enough
-    # time-budgeted demos to be the default.
+    # against the defaults' 0.35; yet time-budgeted demos with them missed relation at seeds 0
+    # and 6 (0.54, 0.31; docs/demo-notes.md, the tenth session), so they stay off.
     named_samples: int = 0
     named_turns: int = 6
     named_kinds: tuple[str, ...] = ("color", "shape")  # `questions.named_object_questions`'s kinds
