@@ -74,7 +74,10 @@ def test_compiled_step_gives_the_eager_numbers_and_is_shared_by_shape(tiny_model
     key = compiled_step._key(compiled_step.StepSpec.of(fl), args)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(compiled_step.inspect, "getsource", lambda f: f.__name__ + " edited")
+        compiled_step._step_source.cache_clear()  # read once per process: a new process sees the edit
         assert compiled_step._key(compiled_step.StepSpec.of(fl), args) != key
+    compiled_step._step_source.cache_clear()
+    assert compiled_step._key(compiled_step.StepSpec.of(fl), args) == key
 
 
 def test_compiled_step_falls_back_to_eager(tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,

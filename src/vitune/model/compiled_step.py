@@ -18,6 +18,7 @@ written under a temporary name then renamed, so a crash never leaves half a libr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -28,6 +29,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,14 +137,19 @@ def _inputs(fl: FastLM, ws: list[torch.Tensor]) -> tuple:
             [torch.zeros_like(c) for c in fl.k], [torch.zeros_like(c) for c in fl.v])  # never the live caches
 
 
+@functools.cache
+def _step_source() -> str:
+    """The step's own code, read once per process (every FastLM that compiles asks for a key)."""
+    return "".join(inspect.getsource(f) for f in (StepGraph, rotate, rms_norm))
+
+
 def _key(spec: StepSpec, args: tuple) -> str:
     leaves = [*args[:4], *args[4], *args[5], *args[6]]
     shapes = [(tuple(t.shape), str(t.dtype)) for t in leaves]
     # The CPU's vector ISA too: the library is native code, and a home directory may be shared by
     # machines. And the step's own code, so an edited step never loads a library of the old one.
-    code = "".join(inspect.getsource(f) for f in (StepGraph, rotate, rms_norm))
     text = json.dumps({"spec": asdict(spec), "shapes": shapes, "device": str(args[0].device), "torch": torch.__version__,
-                       "cpu": [platform.machine(), torch.backends.cpu.get_cpu_capability()], "code": code})
+                       "cpu": [platform.machine(), torch.backends.cpu.get_cpu_capability()], "code": _step_source()})
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
