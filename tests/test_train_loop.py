@@ -201,6 +201,40 @@ def test_resume_reproduces_the_uninterrupted_losses(tiny_model_dir: Path, data_d
         torch.allclose(weights(full / "model")[k], weights(part_dir / "model")[k], atol=1e-6) for k in weights(full / "model"))
 
 
+@pytest.mark.parametrize("llm", ["full", "lora"])
+def test_export_checkpoint_gives_the_model_of_that_step(tiny_model_dir: Path, data_dir: Path, tmp_path: Path, llm: str) -> None:
+    from vitune.cli import main
+    from vitune.train.trainer import export_checkpoint
+
+    with_lora, without = ["stage.lora.r=4", "stage.lora.alpha=8", "stage.lora.dropout=0"], ["stage.lora=null"]
+    base = [f"model.path={tiny_model_dir}", f"data.path={data_dir / 'stage2.json'}", f"data.image_folder={data_dir}",
+            "stage.parts.projector=2e-3", "stage.parts.llm=2e-3", "train.batch_size=4", "train.micro_batch_size=4",
+            "optim.schedule=constant", "optim.warmup_steps=0", "train.save_every=2", *FAST]
+    common = [*base, *(with_lora if llm == "lora" else without)]
+    long = run_training(load_config(None, [*common, "train.max_steps=4", f"train.output_dir={tmp_path / 'long'}"]))
+    short = run_training(load_config(None, [*common, "train.max_steps=2", f"train.output_dir={tmp_path / 'short'}"]))
+    # the long run's step-2 checkpoint, completed, is the short run's final model
+    assert main(["export-checkpoint", str(long), "--out", str(tmp_path / "at2")]) == 0
+    exported, expected = weights(tmp_path / "at2" / "model"), weights(short / "model")
+    assert exported.keys() == expected.keys()
+    assert all(torch.allclose(exported[k], expected[k], atol=1e-6) for k in expected)
+    assert changed(expected, weights(long / "model"))  # steps 3-4 moved the weights: not the end of the run
+    assert (tmp_path / "at2" / "projector" / "projector_config.json").is_file()
+    assert (tmp_path / "at2" / "lora").is_dir() == (llm == "lora")
+    assert (json.loads((tmp_path / "at2" / "model" / "config.json").read_text())["template"]
+            == json.loads((short / "model" / "config.json").read_text())["template"])
+
+    with pytest.raises(VituneError, match="already exists"):
+        export_checkpoint(long / "checkpoints" / "step-000002", tmp_path / "at2")
+    with pytest.raises(VituneError, match="neither a training checkpoint"):
+        export_checkpoint(short, tmp_path / "none")  # the 2-step run saved no checkpoint before its end
+    other = load_config(None, [*base, *(without if llm == "lora" else with_lora), "train.max_steps=4", f"train.output_dir={long}"])
+    (long / "config.yaml").write_text(other.to_yaml())  # a config the checkpoint was not saved with
+    with pytest.raises(VituneError, match="different stage config"):
+        export_checkpoint(long, tmp_path / "mismatch")
+    assert not (tmp_path / "mismatch" / "model").exists()
+
+
 def test_feature_cache_gives_the_same_losses(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     common = [f"model.path={tiny_model_dir}", f"data.path={data_dir / 'stage2.json'}", f"data.image_folder={data_dir}",
               "stage.parts.projector=2e-3", "stage.parts.llm=2e-3", "train.batch_size=8", "train.micro_batch_size=4",

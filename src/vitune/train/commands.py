@@ -1,4 +1,5 @@
-"""CLI: `vitune train PRESET [key=value ...]` (stage 1 or 2, by preset) and `vitune merge-lora`."""
+"""CLI: `vitune train PRESET [key=value ...]` (stage 1 or 2, by preset), `vitune merge-lora` and
+`vitune export-checkpoint`."""
 
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--projector", default=None, help="projector directory (default: the run's projector/)")
     m.add_argument("--out", required=True, help="output model directory")
     m.set_defaults(func=_merge)
+
+    c = subparsers.add_parser(
+        "export-checkpoint", help="write a training checkpoint as a model directory (to evaluate or chat with any step)",
+        description="Checkpoints (RUN/checkpoints/step-NNNNNN, every train.save_every steps) hold the trainable weights "
+                    "only; this completes them with the model the run's config.yaml names and writes OUT/model "
+                    "(LoRA merged), plus OUT/projector and OUT/lora where the run trains them, as the run writes at its end.",
+    )
+    c.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its last checkpoint)")
+    c.add_argument("--out", required=True, help="output directory (OUT/model is the model)")
+    c.set_defaults(func=_export_checkpoint)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -74,4 +85,14 @@ def _merge(args: argparse.Namespace) -> int:
 
     out = merge_lora(args.base, args.adapter, args.out, projector=args.projector)
     print(f"merged model written to {out}")
+    return 0
+
+
+def _export_checkpoint(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vitune.train.trainer import export_checkpoint
+
+    used = export_checkpoint(args.checkpoint, args.out)
+    print(f"{used} written as a model to {Path(args.out) / 'model'}")
     return 0

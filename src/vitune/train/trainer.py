@@ -558,11 +558,24 @@ def _trainable_state(unwrapped: torch.nn.Module) -> OrderedDict[str, torch.Tenso
     return out
 
 
+def _load_trainable(unwrapped: torch.nn.Module, weights: Path) -> None:
+    """Load a checkpoint's trainable weights into the training module they were saved from."""
+    from safetensors.torch import load_file
+
+    where = weights.parent
+    state = load_file(str(weights))
+    missing = [k for k in _trainable_state(unwrapped) if k not in state]
+    if missing:
+        raise VituneError(f"{where}: checkpoint lacks trainable weights {missing[:4]}: saved by a different stage config?")
+    unexpected = unwrapped.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise VituneError(f"{where}: checkpoint holds weights the model does not have {unexpected[:4]}: saved by a different stage config?")
+
+
 def _register_checkpoint_hooks(accelerator: Any, unwrapped: torch.nn.Module) -> None:
     """Checkpoints hold the trainable weights only (a stage-1 checkpoint is the projector, not 7B of
     frozen weights); DeepSpeed and FSDP keep their own sharded formats."""
     from accelerate.utils import SAFE_WEIGHTS_NAME, DistributedType
-    from safetensors.torch import load_file
 
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         return
@@ -575,12 +588,7 @@ def _register_checkpoint_hooks(accelerator: Any, unwrapped: torch.nn.Module) -> 
         if not models:
             return
         models.pop(0)  # loaded here, not by accelerate's strict full-model load
-        state = load_file(os.path.join(input_dir, SAFE_WEIGHTS_NAME))
-        expected = _trainable_state(unwrapped)
-        missing = [k for k in expected if k not in state]
-        if missing:
-            raise VituneError(f"{input_dir}: checkpoint lacks trainable weights {missing[:4]}: saved by a different stage config?")
-        unwrapped.load_state_dict(state, strict=False)
+        _load_trainable(unwrapped, Path(input_dir) / SAFE_WEIGHTS_NAME)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -666,11 +674,7 @@ def _sharded(accelerator: Any) -> bool:
 
 
 def _export(accelerator: Any, module: Any, unwrapped: Any, processor: Any, config: Config, run_dir: Path, plan: list[Any]) -> None:
-    """model/ (LoRA merged), projector/ when the projector trained, lora/ for LoRA runs."""
-    from vitune.train import lora as lora_mod
-
-    trained = {p.name for p in plan if p.lr is not None}
-    lora = config.stage.lora
+    """The run's outputs (`write_outputs`), gathered from the shards of an FSDP or DeepSpeed run."""
     if _sharded(accelerator):
         # Parameters live in shards: gather a full state dict and rebuild the model on the CPU.
         state = accelerator.get_state_dict(module)
@@ -678,7 +682,9 @@ def _export(accelerator: Any, module: Any, unwrapped: Any, processor: Any, confi
             accelerator.wait_for_everyone()
             return
         from vitune.model.llava import LlavaModel
+        from vitune.train import lora as lora_mod
 
+        lora = config.stage.lora
         llava = LlavaModel(unwrapped.llava.config)
         if lora is not None:
             lora_mod.apply_lora(llava, lora.r, lora.alpha, lora.dropout, lora.target_modules, 16)
@@ -688,13 +694,23 @@ def _export(accelerator: Any, module: Any, unwrapped: Any, processor: Any, confi
             accelerator.wait_for_everyone()
             return
         llava = unwrapped.llava
+    write_outputs(llava, processor, config, run_dir, plan)
+    accelerator.wait_for_everyone()
+
+
+def write_outputs(llava: Any, processor: Any, config: Config, run_dir: Path, plan: list[Any]) -> None:
+    """A run's model outputs from its trained LlavaModel: model/ (LoRA merged), projector/ when the
+    projector trained, lora/ for LoRA runs. Merging LoRA changes `llava` in place."""
+    from vitune.templates import get_template
+    from vitune.train import lora as lora_mod
+
+    trained = {p.name for p in plan if p.lr is not None}
+    lora = config.stage.lora
     llava.eval()
     if config.stage.template and config.stage.template != "plain":
         # The chat template a model was tuned with is the one it must be served with; `plain` is
         # stage 1's alignment format, not a chat format, so the model keeps its own.
         llava.config.template = config.stage.template
-    from vitune.templates import get_template
-
     processor.template = get_template(llava.config.template)
     if "projector" in trained:
         llava.save_projector(run_dir / "projector")
@@ -709,8 +725,42 @@ def _export(accelerator: Any, module: Any, unwrapped: Any, processor: Any, confi
                                 projector=run_dir / "projector" if "projector" in trained
                                 else resolve_projector_dir(config.model.projector) if config.model.projector else None,
                                 template=llava.config.template)
-            accelerator.wait_for_everyone()
             return
         lora_mod.merge_into(llava)
     llava.save_pretrained(run_dir / "model", processor)
-    accelerator.wait_for_everyone()
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write a training checkpoint as a finished run's outputs under `out` (`model/`, and
+    `projector/` and `lora/` where the run trains them), so that any step can be evaluated, chatted
+    with or exported like the end of a run. A checkpoint holds the trainable weights only; its
+    run's `config.yaml` says which model and stage they complete. `checkpoint` is a
+    `RUN/checkpoints/step-NNNNNN` directory, or a run directory (its last checkpoint)."""
+    from accelerate.utils import SAFE_WEIGHTS_NAME
+
+    from vitune.train.config import config_from_yaml
+    from vitune.train.model_setup import TrainingModule, apply_stage, load_for_training
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / STATE_FILE).is_file():
+        found = checkpoint_dirs(checkpoint)
+        if not found:
+            raise VituneError(f"{checkpoint}: neither a training checkpoint (no {STATE_FILE}) nor a run directory "
+                              f"with checkpoints ({CHECKPOINT_DIR}/step-NNNNNN; saved every train.save_every steps)")
+        checkpoint = found[-1]
+    weights = checkpoint / SAFE_WEIGHTS_NAME
+    if not weights.is_file():
+        raise VituneError(f"{checkpoint}: no {SAFE_WEIGHTS_NAME}, so an FSDP or DeepSpeed checkpoint in its sharded format: "
+                          "resume the run with its launcher (`--resume`) to export it")
+    run_config = checkpoint.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise VituneError(f"{checkpoint}: its run's config.yaml is missing ({run_config}): it says which model the "
+                          "checkpoint's trainable weights belong to")
+    if (out / "model").exists():
+        raise VituneError(f"{out / 'model'} already exists: pick another output directory or remove it")
+    config = config_from_yaml(run_config)
+    model, processor = load_for_training(config)
+    plan = apply_stage(model, config, torch.float32)
+    _load_trainable(TrainingModule(model), weights)
+    write_outputs(model, processor, config, out, plan)
+    return checkpoint
