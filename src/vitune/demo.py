@@ -78,7 +78,8 @@ class DemoConfig:
     # passed three of five demos (seed 0 at relation 0.92, the best yet; seed 6 on the plateau);
     # with Muon at 4x the lr three of six, the other three on the colour plateau. The defaults:
     # ten of fourteen. The misses are stage 2 cut short: seed 6's backbones reach relation 0.87
-    # at 2,200 steps with the defaults, where the demo gave 1,376 (docs/demo-notes.md).
+    # at 2,200 steps with the defaults, where the demo gave 1,376 (docs/demo-notes.md). All of
+    # that was with the 2-layer LM; the 3-layer one learns relation within the budget without it.
     vqa_per_object: dict[str, int] = field(default_factory=dict)
     mc_scenes: int = 0
     # Text-only samples of questions that name their object in full ("What color is the red
