@@ -228,6 +228,11 @@ def test_export_checkpoint_gives_the_model_of_that_step(tiny_model_dir: Path, da
         export_checkpoint(long / "checkpoints" / "step-000002", tmp_path / "at2")
     with pytest.raises(VituneError, match="neither a training checkpoint"):
         export_checkpoint(short, tmp_path / "none")  # the 2-step run saved no checkpoint before its end
+    sharded = tmp_path / "fsdp" / "checkpoints" / "step-000002"
+    sharded.mkdir(parents=True)
+    (sharded / "trainer_state.json").write_text("{}")
+    with pytest.raises(VituneError, match="sharded format: merge"):
+        export_checkpoint(sharded, tmp_path / "none")
     other = load_config(None, [*base, *(without if llm == "lora" else with_lora), "train.max_steps=4", f"train.output_dir={long}"])
     (long / "config.yaml").write_text(other.to_yaml())  # a config the checkpoint was not saved with
     with pytest.raises(VituneError, match="different stage config"):

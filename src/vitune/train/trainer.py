@@ -750,8 +750,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         checkpoint = found[-1]
     weights = checkpoint / SAFE_WEIGHTS_NAME
     if not weights.is_file():
-        raise VituneError(f"{checkpoint}: no {SAFE_WEIGHTS_NAME}, so an FSDP or DeepSpeed checkpoint in its sharded format: "
-                          "resume the run with its launcher (`--resume`) to export it")
+        raise VituneError(f"{checkpoint}: no {SAFE_WEIGHTS_NAME}, so an FSDP or DeepSpeed checkpoint in its sharded "
+                          f"format: merge its shards into {checkpoint / SAFE_WEIGHTS_NAME} first (`accelerate "
+                          "merge-weights` for FSDP, DeepSpeed's zero_to_fp32.py), then export it")
     run_config = checkpoint.parent.parent / "config.yaml"
     if not run_config.is_file():
         raise VituneError(f"{checkpoint}: its run's config.yaml is missing ({run_config}): it says which model the "
