@@ -734,8 +734,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """Write a training checkpoint as a finished run's outputs under `out` (`model/`, and
     `projector/` and `lora/` where the run trains them), so that any step can be evaluated, chatted
     with or exported like the end of a run. A checkpoint holds the trainable weights only; its
-    run's `config.yaml` says which model and stage they complete. `checkpoint` is a
-    `RUN/checkpoints/step-NNNNNN` directory, or a run directory (its last checkpoint)."""
+    run's `config.yaml` says which model and stage they complete (its paths as given at training
+    time). `checkpoint` is a `RUN/checkpoints/step-NNNNNN` directory, or a run directory (its last
+    checkpoint); returns the checkpoint directory used."""
     from accelerate.utils import SAFE_WEIGHTS_NAME
 
     from vitune.train.config import config_from_yaml
