@@ -547,15 +547,20 @@ def _prepare_run_dir(run_dir: Path, fresh: bool, overwrite: bool) -> None:
             target.unlink()
 
 
-def _trainable_state(unwrapped: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """Trainable tensors only, ties removed (safetensors refuses shared storage)."""
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+def _trainable_params(unwrapped: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The trainable parameters a checkpoint holds, by name, ties removed (safetensors refuses shared storage)."""
+    out = []
     seen: set[int] = set()
     for name, p in unwrapped.named_parameters():
         if p.requires_grad and p.data_ptr() not in seen:
             seen.add(p.data_ptr())
-            out[name] = p.detach().contiguous().cpu()
+            out.append((name, p))
     return out
+
+
+def _trainable_state(unwrapped: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """The trainable tensors, copied to the CPU for saving."""
+    return OrderedDict((name, p.detach().contiguous().cpu()) for name, p in _trainable_params(unwrapped))
 
 
 def _load_trainable(unwrapped: torch.nn.Module, weights: Path) -> None:
@@ -564,7 +569,7 @@ def _load_trainable(unwrapped: torch.nn.Module, weights: Path) -> None:
 
     where = weights.parent
     state = load_file(str(weights))
-    missing = [k for k in _trainable_state(unwrapped) if k not in state]
+    missing = [k for k, _ in _trainable_params(unwrapped) if k not in state]  # names only: no copy of the weights
     if missing:
         raise VituneError(f"{where}: checkpoint lacks trainable weights {missing[:4]}: saved by a different stage config?")
     unexpected = unwrapped.load_state_dict(state, strict=False).unexpected_keys
